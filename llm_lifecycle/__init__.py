@@ -1,1 +1,8 @@
+"""The whole life of a large language model, from raw text to an aligned chat model, as executable notebooks
+
+Modules:
+
+- `llm_lifecycle.encoding`: Every split tokenized once into a flat array of ids on disk, and the loaders that cut training and evaluation windows out of it.
+- `llm_lifecycle.tokenizer`: Byte-level BPE built from scratch, then trained for real with `tokenizers`, compared with SentencePiece, and wrapped as a Hugging Face tokenizer with special tokens and a chat template."""
+
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ __all__ = ['STAGES', 'PRESETS', 'VERSIONED', 'Stage', 'get_stage', 'preset_confi
            'resolve_run_dir', 'package_versions', 'git_commit', 'MissingInputError', 'stage_done', 'require_inputs',
            'StageRun', 'update_run_json', 'start_stage']
 
-# %% ../nbs/00_core.ipynb #9c850c93
+# %% ../nbs/00_core.ipynb #b5b88f21
 import contextlib, datetime, importlib.metadata, json, os, platform, random, shutil, subprocess, sys, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../nbs/00_core.ipynb #4282354b
+# %% ../nbs/00_core.ipynb #17f9fb20
 @dataclass(frozen=True)
 class Stage:
     "One stage of the lifecycle: its notebook, the artifacts that mark it done, the stages it reads."
@@ -31,7 +31,7 @@ class Stage:
     @property
     def notebook(self) -> str: return f"{self.num}_{self.name}"
 
-# %% ../nbs/00_core.ipynb #26abf7b6
+# %% ../nbs/00_core.ipynb #54442c8b
 STAGES = [
     Stage("01", "data", "Raw text to a clean corpus", ("data/stats.json",)),
     Stage("02", "tokenizer", "The tokenizer", ("tokenizer/tokenizer.json", "tokenizer/stats.json"), ("data",)),
@@ -55,7 +55,7 @@ def get_stage(key:str) -> Stage:
         if k in (s.name, s.notebook) or (k.isdigit() and int(k) == int(s.num)): return s
     raise KeyError(f"no stage {key!r}; stages are: " + ", ".join(s.notebook for s in STAGES))
 
-# %% ../nbs/00_core.ipynb #963ac0a0
+# %% ../nbs/00_core.ipynb #afc15d9b
 PRESETS = {
     "tiny": {
         "data": dict(sources=["pydoc", "docstrings", "metadata"], path=None, hf_dataset=None, max_docs=2500,
@@ -64,16 +64,20 @@ PRESETS = {
                      num_perm=128, bands=32, shingle=5, jaccard=0.7, val_frac=0.05, test_frac=0.05, num_proc=1),
         "tokenizer": dict(vocab_size=2048, scratch_vocab_size=512, scratch_bytes=200_000, min_frequency=2),
         "encoding": dict(block_size=128, batch_size=8, num_proc=1),
+        "model": dict(d_model=128, n_layer=4, n_head=4, n_kv_head=2, d_ff=None, max_seq_len=128, rope_theta=10000.0,
+                      dropout=0.0, n_experts=0, top_k_experts=2, tie_embeddings=True),
     },
     "cpu": {
         "data": dict(max_docs=None, num_proc=2),
         "tokenizer": dict(vocab_size=8192, scratch_vocab_size=1024, scratch_bytes=1_000_000),
         "encoding": dict(block_size=256, batch_size=16, num_proc=2),
+        "model": dict(d_model=384, n_layer=6, n_head=6, n_kv_head=2, max_seq_len=256),
     },
     "gpu": {
         "data": dict(max_docs=None, num_proc=8),
         "tokenizer": dict(vocab_size=32768, scratch_vocab_size=4096, scratch_bytes=4_000_000),
         "encoding": dict(block_size=1024, batch_size=32, num_proc=8),
+        "model": dict(d_model=768, n_layer=12, n_head=12, n_kv_head=4, max_seq_len=1024, tie_embeddings=False),
     },
 }
 
@@ -82,7 +86,7 @@ def preset_config(preset:str, stage:str) -> dict:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return {**PRESETS["tiny"].get(stage, {}), **PRESETS[preset].get(stage, {})}
 
-# %% ../nbs/00_core.ipynb #4b051cf1
+# %% ../nbs/00_core.ipynb #2d71f9f1
 def stage_config(stage:str, preset:str, **overrides) -> dict:
     "The knobs of `stage` under `preset`, with every override that is not `None` applied."
     cfg = preset_config(preset, stage)
@@ -90,7 +94,7 @@ def stage_config(stage:str, preset:str, **overrides) -> dict:
     if unknown: raise TypeError(f"stage {stage!r} has no knob {', '.join(sorted(unknown))}; knobs: {', '.join(cfg)}")
     return {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
 
-# %% ../nbs/00_core.ipynb #0590c585
+# %% ../nbs/00_core.ipynb #5f39287d
 def resolve_preset(preset:str="auto") -> str:
     "The preset to use: `preset` itself, or for `'auto'` the environment's choice, then the hardware's."
     if preset in (None, "auto"):
@@ -98,7 +102,7 @@ def resolve_preset(preset:str="auto") -> str:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return preset
 
-# %% ../nbs/00_core.ipynb #98397e07
+# %% ../nbs/00_core.ipynb #9c8f0c8f
 def pick_device(device:str="auto") -> torch.device:
     "The `torch.device` for `device`; `'auto'` takes cuda, then mps, then cpu."
     if device in (None, "auto"):
@@ -109,14 +113,14 @@ def pick_device(device:str="auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available(): raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
     return dev
 
-# %% ../nbs/00_core.ipynb #03c0f30f
+# %% ../nbs/00_core.ipynb #b9b02bc8
 def seed_everything(seed:int):
     "Seed Python's, NumPy's and torch's generators (all devices)."
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb #b42b6156
+# %% ../nbs/00_core.ipynb #299e6d43
 def atomic_write(path, data:str|bytes) -> Path:
     "Write `data` to `path` atomically: a temporary file in the same folder, then a rename."
     path = Path(path)
@@ -141,7 +145,7 @@ def load_json(path):
     try: return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 
-# %% ../nbs/00_core.ipynb #c1e8a50b
+# %% ../nbs/00_core.ipynb #8a900d18
 @contextlib.contextmanager
 def atomic_dir(path):
     "Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."
@@ -158,7 +162,7 @@ def atomic_dir(path):
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
 
-# %% ../nbs/00_core.ipynb #3168cc96
+# %% ../nbs/00_core.ipynb #4ce34505
 def project_root() -> Path:
     "The checkout this package runs from (the folder with `nbs/` and `pyproject.toml`), else the working directory."
     import llm_lifecycle
@@ -171,7 +175,7 @@ def resolve_run_dir(run_dir=None, preset:str="tiny") -> Path:
     run_dir = run_dir or os.environ.get("LLM_LIFECYCLE_RUN_DIR") or project_root()/"runs"/preset
     return Path(run_dir).expanduser().resolve()
 
-# %% ../nbs/00_core.ipynb #78c96a7f
+# %% ../nbs/00_core.ipynb #0b9b9cf0
 VERSIONED = ["torch", "transformers", "datasets", "tokenizers", "sentencepiece", "peft", "trl", "evaluate",
              "accelerate", "numpy", "papermill", "llm-lifecycle"]
 
@@ -189,7 +193,7 @@ def git_commit(path=None) -> str|None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/00_core.ipynb #9c714609
+# %% ../nbs/00_core.ipynb #40ed8b22
 class MissingInputError(FileNotFoundError):
     "A stage's input artifact is not in the run directory."
 
@@ -209,7 +213,7 @@ def require_inputs(run_dir, stage:str|Stage):
                     f"stage {s.notebook} needs {Path(run_dir)/o}, which stage {src.notebook} makes and has not "
                     f"made in this run directory. Make it with:\n    llm-lifecycle run --run-dir {run_dir} --to {src.num}")
 
-# %% ../nbs/00_core.ipynb #0dbaf08e
+# %% ../nbs/00_core.ipynb #e5e80708
 @dataclass
 class StageRun:
     "What a stage needs to know about its run: where things are, what to use, which knobs."
