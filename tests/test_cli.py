@@ -1,0 +1,83 @@
+"The `llm-lifecycle` command: parameter validation, missing inputs, stage selection, the stages listing."
+import json, shutil, subprocess
+
+import nbformat
+import pytest
+
+from llm_lifecycle.cli import main, select_stages
+from llm_lifecycle.core import get_stage
+
+CLI = shutil.which("llm-lifecycle")
+
+
+def cli(*args):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_help_is_installed():
+    r = cli("--help")
+    assert r.returncode == 0 and "run" in r.stdout and "stages" in r.stdout
+    r = cli("run", "--help")
+    assert "--preset" in r.stdout and "--from" in r.stdout and "KEY=VALUE" in r.stdout
+
+
+def test_unknown_parameter_stops_before_running(tmp_path):
+    r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "--to", "01", "-p", "max_doc=5")
+    assert r.returncode == 1
+    assert "unknown parameter 'max_doc'" in r.stderr and "max_docs" in r.stderr
+    assert not (tmp_path/"run").exists()
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path), "--to", "01", "-p", "max_docs=lots")
+    assert r.returncode == 1 and "expects int (or None)" in r.stderr
+
+
+def test_missing_input_names_the_stage_and_command(tmp_path):
+    r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path), "--from", "02", "--to", "02")
+    assert r.returncode == 1
+    assert "data/stats.json" in r.stderr and "01_data" in r.stderr
+    assert f"llm-lifecycle run --run-dir {tmp_path} --to 01" in r.stderr
+
+
+def test_select_stages():
+    assert [s.num for s in select_stages("01", "01")] == ["01"]
+    assert select_stages("data", "data") == [get_stage("01")]
+    assert [s.num for s in select_stages(None, "01")] == ["01"]
+    with pytest.raises(ValueError, match="comes after"): select_stages("02", "01")
+
+
+def test_run_to_01_with_parameters(tmp_path):
+    "`--to 01` runs the data stage only, with -p overrides that reach the notebook and run.json."
+    r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path), "--to", "01", "--no-progress",
+            "-p", "sources=['pydoc', 'metadata']", "-p", "max_docs=200")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[1/1] 01_data" in r.stdout
+    assert sorted(p.name for p in (tmp_path/"notebooks").iterdir()) == ["01_data.ipynb"]
+    assert not (tmp_path/"tokenizer").exists()
+    info = json.loads((tmp_path/"run.json").read_text())
+    assert info["preset"] == "tiny" and info["stages"]["data"]["params"]["max_docs"] == 200
+    assert info["versions"]["torch"] and info["seed"] == 0
+    stats = json.loads((tmp_path/"data/stats.json").read_text())
+    assert stats["funnel"][0]["docs"] == 200
+    assert set(stats["sources"]) <= {"pydoc", "metadata"}
+    nb = nbformat.read(tmp_path/"notebooks/01_data.ipynb", as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "max_docs = 200" in injected[0].source
+    r = cli("stages", "--run-dir", str(tmp_path))
+    assert r.returncode == 0
+    line = next(l for l in r.stdout.splitlines() if l.startswith("01_data"))
+    assert line.split()[1] == "yes"
+
+
+def test_failing_stage_prints_the_cell_error(tmp_path):
+    r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path), "--to", "01", "--no-progress",
+            "-p", f"path={tmp_path/'nowhere'}")
+    assert r.returncode == 1
+    assert "stage 01_data failed" in r.stderr and "no such folder" in r.stderr
+    assert "executed notebook" in r.stderr and len(r.stderr.splitlines()) < 40
+    assert not (tmp_path/"data").exists()
+
+
+def test_main_returns_nonzero_on_bad_param():
+    assert main(["run", "--preset", "tiny", "--to", "01", "-p", "notakeyvalue"]) == 1
