@@ -11,7 +11,7 @@ __all__ = ['HF_NAMES', 'swiglu_hidden_dim', 'ModelConfig', 'sinusoidal_positions
            'flops_per_token', 'hf_name', 'hf_config', 'model_config', 'hf_state_dict', 'to_hf_llama', 'from_hf_llama',
            'logits_max_diff', 'save_hf', 'load_hf']
 
-# %% ../nbs/04_model.ipynb #16413b8b
+# %% ../nbs/04_model.ipynb #4f3995e7
 import math, re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +22,13 @@ import torch.nn.functional as F
 
 from .core import atomic_dir
 
-# %% ../nbs/04_model.ipynb #76c16c5c
+# %% ../nbs/04_model.ipynb #e64d18eb
 def swiglu_hidden_dim(d_model:int, multiple_of:int=64) -> int:
     "Llama's feed-forward width: 8/3 of `d_model`, rounded up to a multiple of `multiple_of`."
     hidden = int(2 * 4 * d_model / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
-# %% ../nbs/04_model.ipynb #c8304b1e
+# %% ../nbs/04_model.ipynb #7239d3e6
 @dataclass
 class ModelConfig:
     "The shape of a decoder-only transformer with Llama's architecture."
@@ -66,7 +66,7 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool: return self.n_experts > 1
 
-# %% ../nbs/04_model.ipynb #05afffd3
+# %% ../nbs/04_model.ipynb #ea0eb1e1
 def sinusoidal_positions(n_pos:int, d_model:int, base:float=10000.0) -> torch.Tensor:
     "The fixed sinusoidal position encodings of the original transformer, `(n_pos, d_model)`."
     angle = torch.arange(n_pos).float()[:, None] * base ** (-torch.arange(0, d_model, 2).float() / d_model)
@@ -74,7 +74,7 @@ def sinusoidal_positions(n_pos:int, d_model:int, base:float=10000.0) -> torch.Te
     pe[:, 0::2], pe[:, 1::2] = angle.sin(), angle.cos()
     return pe
 
-# %% ../nbs/04_model.ipynb #67f35d1c
+# %% ../nbs/04_model.ipynb #21df4b1c
 def rope_cache(head_dim:int, n_pos:int, theta:float=10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     "cos and sin of the rotary angles for positions `0..n_pos-1`, each `(n_pos, head_dim)`, in float32."
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -91,7 +91,7 @@ def apply_rope(x:torch.Tensor, cos:torch.Tensor, sin:torch.Tensor) -> torch.Tens
     "Rotate `x` `(..., seq, head_dim)` by the angles of its positions; `cos`, `sin` are `(seq, head_dim)`."
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
-# %% ../nbs/04_model.ipynb #a766f1f5
+# %% ../nbs/04_model.ipynb #e8206a1c
 def causal_mask(q_len:int, k_len:int|None=None, device=None) -> torch.Tensor:
     "Boolean `(q_len, k_len)` mask, True where a query (the last `q_len` positions) may attend to a key."
     k_len = q_len if k_len is None else k_len
@@ -104,14 +104,14 @@ def manual_attention(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     weights = scores.softmax(dim=-1)
     return weights @ v, weights
 
-# %% ../nbs/04_model.ipynb #6dc624d0
+# %% ../nbs/04_model.ipynb #ac2c7bbd
 def repeat_kv(x:torch.Tensor, n_rep:int) -> torch.Tensor:
     "`(batch, n_kv_head, seq, head_dim)` → `(batch, n_kv_head * n_rep, seq, head_dim)`, each head repeated `n_rep` times."
     if n_rep == 1: return x
     b, h, t, d = x.shape
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
-# %% ../nbs/04_model.ipynb #fd5ed333
+# %% ../nbs/04_model.ipynb #669b5db2
 class KVCache:
     "Keys and values of the positions seen so far, one `(batch, n_kv_head, seq, head_dim)` pair per layer."
     def __init__(self): self.keys, self.values = [], []
@@ -127,7 +127,7 @@ class KVCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
-# %% ../nbs/04_model.ipynb #42039883
+# %% ../nbs/04_model.ipynb #24d0eb16
 class CausalSelfAttention(nn.Module):
     "Multi-head (or grouped-query) causal self-attention with rotary positions and an optional KV cache."
     def __init__(self, cfg:ModelConfig, layer:int=0):
@@ -157,7 +157,7 @@ class CausalSelfAttention(nn.Module):
         else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.size(2), k.size(2), q.device), dropout_p=p)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
-# %% ../nbs/04_model.ipynb #43302563
+# %% ../nbs/04_model.ipynb #8615046f
 class SwiGLU(nn.Module):
     "Llama's gated feed-forward: `down(silu(gate(x)) * up(x))`."
     def __init__(self, d_model:int, d_ff:int):
@@ -168,7 +168,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x): return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-# %% ../nbs/04_model.ipynb #952b500f
+# %% ../nbs/04_model.ipynb #a5e2bc87
 class RMSNorm(nn.Module):
     "Root-mean-square normalisation with a learned gain, computed in float32."
     def __init__(self, d_model:int, eps:float=1e-5):
@@ -179,7 +179,7 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-# %% ../nbs/04_model.ipynb #6c6a0318
+# %% ../nbs/04_model.ipynb #09c1feb5
 def load_balancing_loss(router_logits:torch.Tensor, top_k:int) -> torch.Tensor:
     "Switch/Mixtral load-balancing loss `n_experts · Σ f_i · P_i` over `(..., n_experts)` logits; 1 when uniform."
     n_experts = router_logits.size(-1)
@@ -188,7 +188,7 @@ def load_balancing_loss(router_logits:torch.Tensor, top_k:int) -> torch.Tensor:
     f = F.one_hot(chosen, n_experts).float().sum(1).mean(0) / top_k  # fraction of assignments per expert
     return n_experts * (f * probs.mean(0)).sum()
 
-# %% ../nbs/04_model.ipynb #1cca7d69
+# %% ../nbs/04_model.ipynb #a8f96a40
 class MoEFeedForward(nn.Module):
     "Mixture of SwiGLU experts with top-k routing; returns the output and the router logits."
     def __init__(self, cfg:ModelConfig):
@@ -213,7 +213,7 @@ class MoEFeedForward(nn.Module):
             y.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(y.dtype))
         return y.reshape(shape), logits
 
-# %% ../nbs/04_model.ipynb #67699039
+# %% ../nbs/04_model.ipynb #487f3b07
 class Block(nn.Module):
     "Pre-norm transformer block: `x + attn(norm(x))`, then `x + ffn(norm(x))`; returns `x` and the router logits (MoE)."
     def __init__(self, cfg:ModelConfig, layer:int=0):
@@ -231,7 +231,7 @@ class Block(nn.Module):
         else: h, router_logits = self.ffn(self.ffn_norm(x)), None
         return x + self.drop(h), router_logits
 
-# %% ../nbs/04_model.ipynb #fffefee5
+# %% ../nbs/04_model.ipynb #223cb93d
 class TransformerLM(nn.Module):
     "Decoder-only transformer language model with Llama's architecture."
     def __init__(self, cfg:ModelConfig):
@@ -273,7 +273,7 @@ class TransformerLM(nn.Module):
         if router_logits: loss = loss + self.cfg.router_aux_loss_coef * self.aux_loss
         return logits, loss
 
-# %% ../nbs/04_model.ipynb #1cdae88d
+# %% ../nbs/04_model.ipynb #de0357ee
 def cached_logits(model:TransformerLM, idx:torch.Tensor, chunks:list[int]) -> torch.Tensor:
     "Run `idx` through `model` in pieces of the given lengths with a `KVCache`; the logits of all positions."
     if sum(chunks) != idx.size(1): raise ValueError(f"chunks {chunks} do not add up to the {idx.size(1)} positions")
@@ -283,7 +283,7 @@ def cached_logits(model:TransformerLM, idx:torch.Tensor, chunks:list[int]) -> to
         start += n
     return torch.cat(out, dim=1)
 
-# %% ../nbs/04_model.ipynb #d18248c4
+# %% ../nbs/04_model.ipynb #377a76f9
 def param_count(cfg:ModelConfig, active:bool=False) -> int:
     "Number of parameters of `TransformerLM(cfg)`; `active`: only those one token uses (top-k experts of an MoE)."
     d, hd = cfg.d_model, cfg.head_dim
@@ -293,14 +293,14 @@ def param_count(cfg:ModelConfig, active:bool=False) -> int:
     embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     return cfg.n_layer * (attn + ffn + 2 * d) + d + embeddings
 
-# %% ../nbs/04_model.ipynb #a7020721
+# %% ../nbs/04_model.ipynb #ae63ef81
 def flops_per_token(cfg:ModelConfig, seq_len:int) -> int:
     "Training FLOPs (forward + backward) per token: `6N + 12·L·H·Q·T` as in PaLM's appendix B."
     n_matmul = param_count(cfg, active=True) - cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2) \
         + cfg.vocab_size * cfg.d_model - (2 * cfg.n_layer + 1) * cfg.d_model
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
-# %% ../nbs/04_model.ipynb #005f9f81
+# %% ../nbs/04_model.ipynb #1f8e7638
 HF_NAMES = [  # (our parameter name, transformers' name), as regular expressions
     (r"tok_emb\.weight", r"model.embed_tokens.weight"),
     (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
@@ -318,7 +318,7 @@ def hf_name(name:str) -> str:
         if re.fullmatch(ours, name): return re.sub(ours, theirs, name)
     raise KeyError(f"no transformers name for parameter {name!r}")
 
-# %% ../nbs/04_model.ipynb #537fb83f
+# %% ../nbs/04_model.ipynb #5f41015a
 def hf_config(cfg:ModelConfig, **token_ids):
     "The `LlamaConfig` (dense) or `MixtralConfig` (MoE) of `cfg`; `token_ids`: `bos_token_id`, `eos_token_id`, `pad_token_id`."
     from transformers import LlamaConfig, MixtralConfig
@@ -349,7 +349,7 @@ def model_config(hf_cfg) -> ModelConfig:
                        n_experts=getattr(hf_cfg, "num_local_experts", 0), top_k_experts=getattr(hf_cfg, "num_experts_per_tok", 2),
                        router_aux_loss_coef=getattr(hf_cfg, "router_aux_loss_coef", 0.01))
 
-# %% ../nbs/04_model.ipynb #617b456b
+# %% ../nbs/04_model.ipynb #88473269
 _EXPERT = re.compile(r"blocks\.(\d+)\.ffn\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 def hf_state_dict(model:TransformerLM) -> dict:
@@ -386,12 +386,12 @@ def from_hf_llama(hf_model) -> TransformerLM:
     model.load_state_dict(sd, strict=True)
     return model.to(next(hf_model.parameters()).dtype).eval()
 
-# %% ../nbs/04_model.ipynb #d77ab3f9
+# %% ../nbs/04_model.ipynb #95a3ced7
 def logits_max_diff(model:TransformerLM, hf_model, idx:torch.Tensor) -> float:
     "Largest absolute difference between `model`'s and `hf_model`'s logits on `idx`."
     with torch.no_grad(): return (model(idx)[0] - hf_model(idx).logits).abs().max().item()
 
-# %% ../nbs/04_model.ipynb #ee21d9a2
+# %% ../nbs/04_model.ipynb #446b5ed8
 def save_hf(model:TransformerLM, path, tokenizer=None) -> Path:
     "Write `model` (and `tokenizer`) to `path` as a `transformers` model folder that `AutoModelForCausalLM` loads."
     ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad")} if tokenizer is not None else {}
