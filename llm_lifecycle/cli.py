@@ -8,14 +8,14 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/cli.html.md"""
 __all__ = ['COMMON_PARAMS', 'notebooks_dir', 'notebook_path', 'present_stages', 'select_stages', 'parse_param', 'notebook_params',
            'knob_types', 'check_params', 'StageFailed', 'cell_error', 'run_lifecycle', 'stages_table', 'main']
 
-# %% ../nbs/00a_cli.ipynb #f35751a8
+# %% ../nbs/00a_cli.ipynb #5e4d0f87
 import argparse, ast, re, sys, time
 from pathlib import Path
 
 from .core import (PRESETS, STAGES, MissingInputError, Stage, get_stage, project_root, require_inputs,
                                 resolve_preset, resolve_run_dir, stage_done)
 
-# %% ../nbs/00a_cli.ipynb #f9e9cd37
+# %% ../nbs/00a_cli.ipynb #0bda34b9
 def notebooks_dir() -> Path:
     "The folder with the stage notebooks."
     return project_root()/"nbs"
@@ -35,7 +35,7 @@ def select_stages(start=None, stop=None) -> list:
     if lo > hi: raise ValueError(f"--from {start} comes after --to {stop}")
     return [s for s in present_stages() if lo <= int(s.num) <= hi]
 
-# %% ../nbs/00a_cli.ipynb #ec62e726
+# %% ../nbs/00a_cli.ipynb #881399af
 def parse_param(s:str) -> tuple:
     "`'key=value'` → `(key, value)`, the value read as a Python literal when it is one, else as a string."
     key, sep, raw = s.partition("=")
@@ -44,7 +44,7 @@ def parse_param(s:str) -> tuple:
     except (ValueError, SyntaxError): value = {"true": True, "false": False, "none": None}.get(raw.strip().lower(), raw)
     return key.strip(), value
 
-# %% ../nbs/00a_cli.ipynb #a4434184
+# %% ../nbs/00a_cli.ipynb #9f32d3fe
 COMMON_PARAMS = {"preset": {str}, "run_dir": {str}, "device": {str}, "seed": {int}}
 
 def notebook_params(stage:Stage) -> set:
@@ -53,9 +53,11 @@ def notebook_params(stage:Stage) -> set:
     return set(pm.inspect_notebook(str(notebook_path(stage))))
 
 def knob_types(stage:Stage, name:str) -> set:
-    "The types the presets give knob `name` of `stage` (`NoneType` included); empty when no preset sets it."
+    "The types the presets give knob `name` (of `stage`, else of another stage's section, such as the model shape that pretraining takes); empty when no preset sets it."
     if name in COMMON_PARAMS: return COMMON_PARAMS[name]
-    vals = [PRESETS[p][stage.name][name] for p in PRESETS if name in PRESETS[p].get(stage.name, {})]
+    sections = [stage.name, *(s for s in PRESETS["tiny"] if s != stage.name)]
+    sec = next((s for s in sections if name in PRESETS["tiny"].get(s, {})), stage.name)
+    vals = [PRESETS[p][sec][name] for p in PRESETS if name in PRESETS[p].get(sec, {})]
     return {type(v) for v in vals} - ({type(None)} if all(v is None for v in vals) else set())
 
 def _type_ok(value, types:set) -> bool:
@@ -79,7 +81,7 @@ def check_params(stages:list, params:dict):
                 raise ValueError(f"parameter {k}={v!r} is a {type(v).__name__}, but {s.notebook} expects "
                                  f"{want}{' (or None)' if type(None) in types else ''}")
 
-# %% ../nbs/00a_cli.ipynb #4b161190
+# %% ../nbs/00a_cli.ipynb #7deede64
 class StageFailed(RuntimeError):
     "A stage notebook raised an error."
 
@@ -93,7 +95,7 @@ def cell_error(err, notebook:Path, max_lines:int=12) -> str:
             f"  in cell {getattr(err, 'exec_count', '?')}; the cell's traceback ends:\n{tail}\n"
             f"  executed notebook: {notebook}")
 
-# %% ../nbs/00a_cli.ipynb #9391b0a6
+# %% ../nbs/00a_cli.ipynb #65b62ddd
 def run_lifecycle(preset:str="auto", run_dir=None, start=None, stop=None, params:dict|None=None, device:str="auto",
                   seed:int=0, progress:bool=True, log=print) -> Path:
     "Execute the selected stage notebooks in order into `run_dir/notebooks/`; raise `StageFailed` at the first failure."
@@ -123,7 +125,7 @@ def run_lifecycle(preset:str="auto", run_dir=None, start=None, stop=None, params
         log(f"      done in {time.perf_counter() - t0:.0f} s -> {out}")
     return run_dir
 
-# %% ../nbs/00a_cli.ipynb #7d3837eb
+# %% ../nbs/00a_cli.ipynb #cbb94123
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-lifecycle", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The whole life of a language model, one notebook per stage: raw text, tokenizer, encoding, "
