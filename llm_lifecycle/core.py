@@ -10,7 +10,7 @@ __all__ = ['STAGES', 'PRESETS', 'VERSIONED', 'Stage', 'get_stage', 'preset_confi
            'resolve_run_dir', 'package_versions', 'git_commit', 'MissingInputError', 'stage_done', 'require_inputs',
            'StageRun', 'update_run_json', 'start_stage']
 
-# %% ../nbs/00_core.ipynb #b5b88f21
+# %% ../nbs/00_core.ipynb #2f446f59
 import contextlib, datetime, importlib.metadata, json, os, platform, random, shutil, subprocess, sys, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../nbs/00_core.ipynb #17f9fb20
+# %% ../nbs/00_core.ipynb #2b68684b
 @dataclass(frozen=True)
 class Stage:
     "One stage of the lifecycle: its notebook, the artifacts that mark it done, the stages it reads."
@@ -31,7 +31,7 @@ class Stage:
     @property
     def notebook(self) -> str: return f"{self.num}_{self.name}"
 
-# %% ../nbs/00_core.ipynb #54442c8b
+# %% ../nbs/00_core.ipynb #a1e3686a
 STAGES = [
     Stage("01", "data", "Raw text to a clean corpus", ("data/stats.json",)),
     Stage("02", "tokenizer", "The tokenizer", ("tokenizer/tokenizer.json", "tokenizer/stats.json"), ("data",)),
@@ -55,7 +55,7 @@ def get_stage(key:str) -> Stage:
         if k in (s.name, s.notebook) or (k.isdigit() and int(k) == int(s.num)): return s
     raise KeyError(f"no stage {key!r}; stages are: " + ", ".join(s.notebook for s in STAGES))
 
-# %% ../nbs/00_core.ipynb #afc15d9b
+# %% ../nbs/00_core.ipynb #8d90e0b2
 PRESETS = {
     "tiny": {
         "data": dict(sources=["pydoc", "docstrings", "metadata"], path=None, hf_dataset=None, max_docs=2500,
@@ -86,7 +86,7 @@ def preset_config(preset:str, stage:str) -> dict:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return {**PRESETS["tiny"].get(stage, {}), **PRESETS[preset].get(stage, {})}
 
-# %% ../nbs/00_core.ipynb #2d71f9f1
+# %% ../nbs/00_core.ipynb #a0b063aa
 def stage_config(stage:str, preset:str, **overrides) -> dict:
     "The knobs of `stage` under `preset`, with every override that is not `None` applied."
     cfg = preset_config(preset, stage)
@@ -94,7 +94,7 @@ def stage_config(stage:str, preset:str, **overrides) -> dict:
     if unknown: raise TypeError(f"stage {stage!r} has no knob {', '.join(sorted(unknown))}; knobs: {', '.join(cfg)}")
     return {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
 
-# %% ../nbs/00_core.ipynb #5f39287d
+# %% ../nbs/00_core.ipynb #699ee851
 def resolve_preset(preset:str="auto") -> str:
     "The preset to use: `preset` itself, or for `'auto'` the environment's choice, then the hardware's."
     if preset in (None, "auto"):
@@ -102,7 +102,7 @@ def resolve_preset(preset:str="auto") -> str:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return preset
 
-# %% ../nbs/00_core.ipynb #9c8f0c8f
+# %% ../nbs/00_core.ipynb #0bf0ffa3
 def pick_device(device:str="auto") -> torch.device:
     "The `torch.device` for `device`; `'auto'` takes cuda, then mps, then cpu."
     if device in (None, "auto"):
@@ -113,14 +113,16 @@ def pick_device(device:str="auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available(): raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
     return dev
 
-# %% ../nbs/00_core.ipynb #b9b02bc8
+# %% ../nbs/00_core.ipynb #b70ea06b
 def seed_everything(seed:int):
     "Seed Python's, NumPy's and torch's generators (all devices)."
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb #299e6d43
+# %% ../nbs/00_core.ipynb #e571fe1b
+_UMASK = os.umask(0o022); os.umask(_UMASK)
+
 def atomic_write(path, data:str|bytes) -> Path:
     "Write `data` to `path` atomically: a temporary file in the same folder, then a rename."
     path = Path(path)
@@ -130,6 +132,7 @@ def atomic_write(path, data:str|bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
@@ -145,7 +148,7 @@ def load_json(path):
     try: return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 
-# %% ../nbs/00_core.ipynb #8a900d18
+# %% ../nbs/00_core.ipynb #2fb7c62e
 @contextlib.contextmanager
 def atomic_dir(path):
     "Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."
@@ -162,7 +165,7 @@ def atomic_dir(path):
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
 
-# %% ../nbs/00_core.ipynb #4ce34505
+# %% ../nbs/00_core.ipynb #7e5d17f5
 def project_root() -> Path:
     "The checkout this package runs from (the folder with `nbs/` and `pyproject.toml`), else the working directory."
     import llm_lifecycle
@@ -175,7 +178,7 @@ def resolve_run_dir(run_dir=None, preset:str="tiny") -> Path:
     run_dir = run_dir or os.environ.get("LLM_LIFECYCLE_RUN_DIR") or project_root()/"runs"/preset
     return Path(run_dir).expanduser().resolve()
 
-# %% ../nbs/00_core.ipynb #0b9b9cf0
+# %% ../nbs/00_core.ipynb #0cdea9a9
 VERSIONED = ["torch", "transformers", "datasets", "tokenizers", "sentencepiece", "peft", "trl", "evaluate",
              "accelerate", "numpy", "papermill", "llm-lifecycle"]
 
@@ -193,7 +196,7 @@ def git_commit(path=None) -> str|None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/00_core.ipynb #40ed8b22
+# %% ../nbs/00_core.ipynb #84d316e2
 class MissingInputError(FileNotFoundError):
     "A stage's input artifact is not in the run directory."
 
@@ -213,7 +216,7 @@ def require_inputs(run_dir, stage:str|Stage):
                     f"stage {s.notebook} needs {Path(run_dir)/o}, which stage {src.notebook} makes and has not "
                     f"made in this run directory. Make it with:\n    llm-lifecycle run --run-dir {run_dir} --to {src.num}")
 
-# %% ../nbs/00_core.ipynb #e5e80708
+# %% ../nbs/00_core.ipynb #60f83ba7
 @dataclass
 class StageRun:
     "What a stage needs to know about its run: where things are, what to use, which knobs."
