@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.pop("MPLBACKEND", None)  # a non-inline backend set outside would keep figures out of executed notebooks
 
 import pytest
 import torch
