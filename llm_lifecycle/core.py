@@ -10,15 +10,15 @@ __all__ = ['STAGES', 'PRESETS', 'VERSIONED', 'Stage', 'get_stage', 'preset_confi
            'resolve_run_dir', 'package_versions', 'git_commit', 'MissingInputError', 'stage_done', 'require_inputs',
            'StageRun', 'update_run_json', 'start_stage']
 
-# %% ../nbs/00_core.ipynb #5797c410
-import contextlib, datetime, importlib.metadata, json, os, platform, random, shutil, subprocess, sys, tempfile
+# %% ../nbs/00_core.ipynb #1a879581
+import contextlib, datetime, importlib.metadata, json, os, platform, random, shutil, subprocess, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# %% ../nbs/00_core.ipynb #decab6e5
+# %% ../nbs/00_core.ipynb #97edc88a
 @dataclass(frozen=True)
 class Stage:
     "One stage of the lifecycle: its notebook, the artifacts that mark it done, the stages it reads."
@@ -31,7 +31,7 @@ class Stage:
     @property
     def notebook(self) -> str: return f"{self.num}_{self.name}"
 
-# %% ../nbs/00_core.ipynb #68764c01
+# %% ../nbs/00_core.ipynb #f2791421
 STAGES = [
     Stage("01", "data", "Raw text to a clean corpus", ("data/stats.json",)),
     Stage("02", "tokenizer", "The tokenizer", ("tokenizer/tokenizer.json", "tokenizer/stats.json"), ("data",)),
@@ -55,7 +55,7 @@ def get_stage(key:str) -> Stage:
         if k in (s.name, s.notebook) or (k.isdigit() and int(k) == int(s.num)): return s
     raise KeyError(f"no stage {key!r}; stages are: " + ", ".join(s.notebook for s in STAGES))
 
-# %% ../nbs/00_core.ipynb #bbd77367
+# %% ../nbs/00_core.ipynb #bd05a232
 PRESETS = {
     "tiny": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files"], path=None, hf_dataset=None, max_docs=2500,
@@ -101,7 +101,7 @@ def preset_config(preset:str, stage:str) -> dict:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return {**PRESETS["tiny"].get(stage, {}), **PRESETS[preset].get(stage, {})}
 
-# %% ../nbs/00_core.ipynb #5251f777
+# %% ../nbs/00_core.ipynb #10ac852b
 def stage_config(stage:str, preset:str, **overrides) -> dict:
     "The knobs of `stage` under `preset`, with every override that is not `None` applied."
     cfg = preset_config(preset, stage)
@@ -109,7 +109,7 @@ def stage_config(stage:str, preset:str, **overrides) -> dict:
     if unknown: raise TypeError(f"stage {stage!r} has no knob {', '.join(sorted(unknown))}; knobs: {', '.join(cfg)}")
     return {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
 
-# %% ../nbs/00_core.ipynb #a2b8da2d
+# %% ../nbs/00_core.ipynb #f15d38e3
 def resolve_preset(preset:str="auto") -> str:
     "The preset to use: `preset` itself, or for `'auto'` the environment's choice, then the hardware's."
     if preset in (None, "auto"):
@@ -117,7 +117,7 @@ def resolve_preset(preset:str="auto") -> str:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return preset
 
-# %% ../nbs/00_core.ipynb #4b1bdafe
+# %% ../nbs/00_core.ipynb #74b76d47
 def pick_device(device:str="auto") -> torch.device:
     "The `torch.device` for `device`; `'auto'` takes cuda, then mps, then cpu."
     if device in (None, "auto"):
@@ -128,14 +128,14 @@ def pick_device(device:str="auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available(): raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
     return dev
 
-# %% ../nbs/00_core.ipynb #6651431b
+# %% ../nbs/00_core.ipynb #d61bef83
 def seed_everything(seed:int):
     "Seed Python's, NumPy's and torch's generators (all devices)."
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb #b66aab3c
+# %% ../nbs/00_core.ipynb #3d1ac210
 _UMASK = os.umask(0o022); os.umask(_UMASK)
 
 def atomic_write(path, data:str|bytes) -> Path:
@@ -163,7 +163,7 @@ def load_json(path):
     try: return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 
-# %% ../nbs/00_core.ipynb #b3a6c6c0
+# %% ../nbs/00_core.ipynb #80daf263
 @contextlib.contextmanager
 def atomic_dir(path):
     "Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."
@@ -180,7 +180,7 @@ def atomic_dir(path):
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
 
-# %% ../nbs/00_core.ipynb #d0b99ee5
+# %% ../nbs/00_core.ipynb #69e4c907
 def project_root() -> Path:
     "The checkout this package runs from (the folder with `nbs/` and `pyproject.toml`), else the working directory."
     import llm_lifecycle
@@ -193,7 +193,7 @@ def resolve_run_dir(run_dir=None, preset:str="tiny") -> Path:
     run_dir = run_dir or os.environ.get("LLM_LIFECYCLE_RUN_DIR") or project_root()/"runs"/preset
     return Path(run_dir).expanduser().resolve()
 
-# %% ../nbs/00_core.ipynb #8fcf94e8
+# %% ../nbs/00_core.ipynb #4448ba61
 VERSIONED = ["torch", "transformers", "datasets", "tokenizers", "sentencepiece", "peft", "trl", "evaluate",
              "accelerate", "numpy", "papermill", "llm-lifecycle"]
 
@@ -211,7 +211,7 @@ def git_commit(path=None) -> str|None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/00_core.ipynb #9408ff4c
+# %% ../nbs/00_core.ipynb #0770f0f0
 class MissingInputError(FileNotFoundError):
     "A stage's input artifact is not in the run directory."
 
@@ -231,7 +231,7 @@ def require_inputs(run_dir, stage:str|Stage):
                     f"stage {s.notebook} needs {Path(run_dir)/o}, which stage {src.notebook} makes and has not "
                     f"made in this run directory. Make it with:\n    llm-lifecycle run --run-dir {run_dir} --to {src.num}")
 
-# %% ../nbs/00_core.ipynb #6fe09908
+# %% ../nbs/00_core.ipynb #63ac9f78
 @dataclass
 class StageRun:
     "What a stage needs to know about its run: where things are, what to use, which knobs."

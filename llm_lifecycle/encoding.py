@@ -9,28 +9,28 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/encoding.html.md"""
 __all__ = ['token_dtype', 'encode_docs', 'encode_split', 'decode_shard', 'write_tokens', 'tokens_meta', 'load_tokens',
            'to_device', 'get_batch', 'eval_batches']
 
-# %% ../nbs/03_encoding.ipynb #faba0454
+# %% ../nbs/03_encoding.ipynb #03a2bfdd
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .core import atomic_write, load_json, save_json, start_stage
+from .core import atomic_write, load_json
 
-# %% ../nbs/03_encoding.ipynb #5bcc199a
+# %% ../nbs/03_encoding.ipynb #ffa7b1ed
 def token_dtype(vocab_size:int) -> np.dtype:
     "The smallest unsigned NumPy type that holds every id of a `vocab_size` vocabulary (uint16, else uint32)."
     if vocab_size < 1: raise ValueError(f"vocab_size must be positive, not {vocab_size}")
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
-# %% ../nbs/03_encoding.ipynb #76cc4d6e
+# %% ../nbs/03_encoding.ipynb #85683021
 def encode_docs(batch:dict, tokenizer:PreTrainedTokenizerBase, eos_id:int) -> dict:
     "The ids of each document in `batch['text']` followed by `eos_id`, and each document's size in UTF-8 bytes."
     ids = tokenizer(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return {"ids": [x + [eos_id] for x in ids], "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
 
-# %% ../nbs/03_encoding.ipynb #f7819841
+# %% ../nbs/03_encoding.ipynb #12e0fd37
 def encode_split(ds, tokenizer:PreTrainedTokenizerBase, num_proc:int=1, batch_size:int=256):
     "Tokenize the `text` column of `ds` with `<|eos|>` after each document: (flat ids, document lengths in tokens, UTF-8 bytes)."
     if "text" not in ds.column_names: raise ValueError(f"the dataset has no 'text' column, only {ds.column_names}")
@@ -43,14 +43,14 @@ def encode_split(ds, tokenizer:PreTrainedTokenizerBase, num_proc:int=1, batch_si
     flat = ids.flatten().to_numpy().astype(token_dtype(len(tokenizer)))
     return flat, np.diff(ids.offsets.to_numpy()), int(mapped.data.column("n_bytes").to_numpy().sum())
 
-# %% ../nbs/03_encoding.ipynb #b7f13ff9
+# %% ../nbs/03_encoding.ipynb #a518ce60
 def decode_shard(ids:np.ndarray, tokenizer:PreTrainedTokenizerBase) -> list[str]:
     "The documents of a packed stream of `ids`: cut after each `<|eos|>`, each piece decoded without its `<|eos|>`."
     ends = np.flatnonzero(ids == tokenizer.eos_token_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
     return [tokenizer.decode(ids[s:e].tolist()) for s, e in zip(starts, ends)]
 
-# %% ../nbs/03_encoding.ipynb #2bdd2385
+# %% ../nbs/03_encoding.ipynb #5922b233
 def write_tokens(ids:np.ndarray, path) -> Path:
     "Write `ids` to `path` as raw binary, atomically."
     return atomic_write(path, np.ascontiguousarray(ids).tobytes())
@@ -61,7 +61,7 @@ def tokens_meta(tokenizer:PreTrainedTokenizerBase, splits:dict) -> dict:
     return dict(dtype=token_dtype(len(tokenizer)).name, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
                 splits=splits, bytes_per_token=splits.get("validation", next(iter(splits.values())))["bytes_per_token"])
 
-# %% ../nbs/03_encoding.ipynb #47cb1873
+# %% ../nbs/03_encoding.ipynb #bcc3de41
 def load_tokens(tokens_dir, split:str) -> np.memmap:
     "The ids of `split` in `tokens_dir` (written by this stage), as a read-only memory map."
     tokens_dir = Path(tokens_dir)
@@ -72,14 +72,14 @@ def load_tokens(tokens_dir, split:str) -> np.memmap:
         raise ValueError(f"{tokens_dir/split}.bin holds {len(data)} tokens, meta.json says {meta['splits'][split]['tokens']}")
     return data
 
-# %% ../nbs/03_encoding.ipynb #55099552
+# %% ../nbs/03_encoding.ipynb #0594d636
 def to_device(x:torch.Tensor, device) -> torch.Tensor:
     "`x` on `device`; on CUDA through pinned memory and an asynchronous copy."
     device = torch.device(device)
     if device.type == "cuda": return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 
-# %% ../nbs/03_encoding.ipynb #e9e28fbc
+# %% ../nbs/03_encoding.ipynb #3af336b7
 def get_batch(data:np.ndarray, batch_size:int, block_size:int, generator:torch.Generator=None, device="cpu"):
     "A random batch of windows `(x, y)` from the token array `data`, `y` being `x` shifted by one token."
     if len(data) <= block_size: raise ValueError(f"{len(data)} tokens are too few for a window of block_size={block_size} (+1)")
@@ -88,7 +88,7 @@ def get_batch(data:np.ndarray, batch_size:int, block_size:int, generator:torch.G
     y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
     return to_device(x, device), to_device(y, device)
 
-# %% ../nbs/03_encoding.ipynb #0a5b2108
+# %% ../nbs/03_encoding.ipynb #def16961
 def eval_batches(data:np.ndarray, batch_size:int, block_size:int, device="cpu", max_batches:int=None):
     "Yield `(x, y)` batches of consecutive non-overlapping windows covering `data`; the last batch may be smaller."
     n = (len(data) - 1) // block_size

@@ -11,7 +11,7 @@ __all__ = ['GPT4_PATTERN', 'SPECIAL_TOKENS', 'CHAT_TOKENS', 'CHAT_TEMPLATE', 'pr
            'sample_texts', 'train_hf_bpe', 'bytes_to_unicode', 'hf_token_bytes', 'tokenizer_report',
            'train_sentencepiece', 'wrap_tokenizer']
 
-# %% ../nbs/02_tokenizer.ipynb #838a5cb9
+# %% ../nbs/02_tokenizer.ipynb #d760f4dd
 import heapq, io, random, time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,23 +22,23 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from .core import atomic_dir, load_json, save_json, start_stage
+from .core import load_json, save_json
 
-# %% ../nbs/02_tokenizer.ipynb #c5ced9cc
+# %% ../nbs/02_tokenizer.ipynb #0cb3bf6b
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 def pretokenize(text:str, pattern:str=GPT4_PATTERN) -> list[str]:
     "Cut `text` into the chunks that BPE merges within: words with their leading space, numbers, punctuation, whitespace."
     return regex.findall(pattern, text)
 
-# %% ../nbs/02_tokenizer.ipynb #dc69800f
+# %% ../nbs/02_tokenizer.ipynb #4e1a8f26
 def split_special(text:str, special_tokens=()) -> list[str]:
     "Split `text` around every occurrence of a special token, keeping the special tokens as parts of their own."
     if not special_tokens: return [text] if text else []
     alternatives = "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True))
     return [p for p in regex.split(f"({alternatives})", text) if p]
 
-# %% ../nbs/02_tokenizer.ipynb #cb8ceb77
+# %% ../nbs/02_tokenizer.ipynb #adfd53a6
 def word_counts(texts, special_tokens=(), pattern:str=GPT4_PATTERN) -> Counter:
     "How often each pre-tokenized chunk of `texts` (a string or strings) occurs, as tuples of bytes; special tokens left out."
     if isinstance(texts, str): texts = [texts]
@@ -48,7 +48,7 @@ def word_counts(texts, special_tokens=(), pattern:str=GPT4_PATTERN) -> Counter:
             if part not in specials: counts.update(pretokenize(part, pattern))
     return Counter({tuple(w.encode("utf-8")): c for w, c in counts.items()})
 
-# %% ../nbs/02_tokenizer.ipynb #1de3513f
+# %% ../nbs/02_tokenizer.ipynb #f001fdb6
 def merge_pair(ids:list, pair:tuple, new_id:int) -> list:
     "Replace each non-overlapping occurrence of `pair` in `ids`, scanning left to right, by `new_id`."
     a, b = pair
@@ -60,7 +60,7 @@ def merge_pair(ids:list, pair:tuple, new_id:int) -> list:
             out.append(ids[i]); i += 1
     return out
 
-# %% ../nbs/02_tokenizer.ipynb #13006e69
+# %% ../nbs/02_tokenizer.ipynb #e1278ea7
 def _training_words(texts, vocab_size:int, special_tokens, pattern:str):
     "The word table BPE trains on, after checking the arguments."
     if isinstance(texts, str): texts = [texts]
@@ -86,7 +86,7 @@ def train_bpe_naive(texts, vocab_size:int, special_tokens=(), min_frequency:int=
         merges.append(best)
     return merges
 
-# %% ../nbs/02_tokenizer.ipynb #25e38cf8
+# %% ../nbs/02_tokenizer.ipynb #46a71246
 def merges_vocab(merges) -> list[bytes]:
     "The bytes of every token: the 256 single bytes, then one token per merge, in order."
     vocab = [bytes([i]) for i in range(256)]
@@ -96,7 +96,7 @@ def merges_vocab(merges) -> list[bytes]:
         vocab.append(vocab[a] + vocab[b])
     return vocab
 
-# %% ../nbs/02_tokenizer.ipynb #6dbc15d7
+# %% ../nbs/02_tokenizer.ipynb #0d81cd5b
 def _pop_best(heap:list, stats:dict):
     "Pop the pair with the highest true count (smallest pair on ties), re-pushing stale entries; `None` when empty."
     while heap:
@@ -138,7 +138,7 @@ def train_bpe(texts, vocab_size:int, special_tokens=(), min_frequency:int=1, pat
         merges.append(best)
     return merges
 
-# %% ../nbs/02_tokenizer.ipynb #6cfd7e96
+# %% ../nbs/02_tokenizer.ipynb #fa4a9e17
 class BPETokenizer:
     "Byte-level BPE: GPT-style pre-tokenization, then `merges` applied in the order they were learned."
     def __init__(self,
@@ -183,7 +183,7 @@ class BPETokenizer:
             else: raise ValueError(f"token id {i!r} is outside the vocabulary (0..{self.vocab_size - 1})")
         return b"".join(parts).decode("utf-8", errors="replace")
 
-# %% ../nbs/02_tokenizer.ipynb #d5f0d312
+# %% ../nbs/02_tokenizer.ipynb #d559eda1
 def save_bpe(tok:BPETokenizer, path) -> Path:
     "Write `tok` as JSON (pattern, merges, special tokens) to `path`, atomically."
     return save_json(path, {"type": "byte_level_bpe", "pattern": tok.pattern, "merges": [list(m) for m in tok.merges],
@@ -196,7 +196,7 @@ def load_bpe(path) -> BPETokenizer:
         raise ValueError(f"{path}: not a byte-level BPE file written by save_bpe")
     return BPETokenizer(d["merges"], d["special_tokens"], d["pattern"])
 
-# %% ../nbs/02_tokenizer.ipynb #53b1a8e7
+# %% ../nbs/02_tokenizer.ipynb #f252955f
 def sample_texts(texts, n_bytes:int, seed:int=0) -> list[str]:
     "Whole documents of `texts` in a seeded random order until `n_bytes` of UTF-8 (the last one cut to fit)."
     out, total = [], 0
@@ -207,7 +207,7 @@ def sample_texts(texts, n_bytes:int, seed:int=0) -> list[str]:
         out.append(texts[i]); total += len(b)
     return [t for t in out if t]
 
-# %% ../nbs/02_tokenizer.ipynb #c638b5e4
+# %% ../nbs/02_tokenizer.ipynb #1b348782
 def train_hf_bpe(texts, vocab_size:int, special_tokens=(), min_frequency:int=2, pattern:str=GPT4_PATTERN) -> Tokenizer:
     "A byte-level BPE `tokenizers.Tokenizer` trained on `texts`, special tokens first in the vocabulary."
     if not texts: raise ValueError("no training text")
@@ -221,7 +221,7 @@ def train_hf_bpe(texts, vocab_size:int, special_tokens=(), min_frequency:int=2, 
     tok.train_from_iterator(texts, trainer, length=len(texts))
     return tok
 
-# %% ../nbs/02_tokenizer.ipynb #58555cc6
+# %% ../nbs/02_tokenizer.ipynb #b99bbb8a
 def bytes_to_unicode() -> dict:
     "GPT-2's map from each byte to the printable character that byte-level BPE writes it as."
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -236,7 +236,7 @@ def hf_token_bytes(tok:Tokenizer) -> set:
     inverse = {c: b for b, c in bytes_to_unicode().items()}
     return {bytes(inverse[c] for c in t) for t in tok.get_vocab() if all(c in inverse for c in t)}
 
-# %% ../nbs/02_tokenizer.ipynb #0a748a5f
+# %% ../nbs/02_tokenizer.ipynb #8b25d190
 def tokenizer_report(encode, decode, texts, train_s:float=None, vocab_size:int=None) -> dict:
     "Bytes per token, encoding speed (MB/s) and exact round trip of `encode`/`decode` (str -> ids -> str) on `texts`."
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -248,7 +248,7 @@ def tokenizer_report(encode, decode, texts, train_s:float=None, vocab_size:int=N
     return dict(vocab_size=vocab_size, train_s=train_s, bytes_per_token=n_bytes / n_tokens,
                 encode_MBps=n_bytes / enc_s / 1e6, roundtrip=all(decode(ids) == t for ids, t in zip(encoded, texts)))
 
-# %% ../nbs/02_tokenizer.ipynb #b5b58549
+# %% ../nbs/02_tokenizer.ipynb #15d0da16
 def train_sentencepiece(texts, vocab_size:int, model_type:str="unigram", byte_fallback:bool=True, lossless:bool=True,
                         num_threads:int=2) -> spm.SentencePieceProcessor:
     "A SentencePiece model trained in memory on the lines of `texts`; `lossless` keeps whitespace and skips NFKC."
@@ -261,11 +261,11 @@ def train_sentencepiece(texts, vocab_size:int, model_type:str="unigram", byte_fa
                                    minloglevel=2, **opts)
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
-# %% ../nbs/02_tokenizer.ipynb #92a5a09a
+# %% ../nbs/02_tokenizer.ipynb #d4e08e6a
 SPECIAL_TOKENS = dict(bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
-# %% ../nbs/02_tokenizer.ipynb #13b0d787
+# %% ../nbs/02_tokenizer.ipynb #20b88c6b
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"

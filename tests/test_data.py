@@ -1,5 +1,5 @@
 "Stage 01: the corpus the tiny run made, the pipeline on planted duplicates, and bad input."
-import json, re
+import json
 
 import nbformat
 import numpy as np
