@@ -1,6 +1,6 @@
 """Stage 01 benchmark: cleaning throughput on the default corpus, and MinHash near-dedup time and recall.
 
-    python benchmarks/data.py [--repeats 3] [--sources pydoc docstrings metadata] [--max-docs N]
+    python benchmarks/data.py [--repeats 3] [--sources pydoc docstrings ...] [--max-docs N]
 
 Prints one JSON object: medians over `--repeats` runs. MinHash signatures are timed three ways on the same
 documents: the naive per-permutation Python loop (on a subset), our vectorised NumPy version, and `datasketch`
@@ -15,6 +15,7 @@ import numpy as np
 from datasets import Dataset
 from datasketch import MinHash
 
+from llm_lifecycle.core import preset_config
 from llm_lifecycle.data import (clean_corpus, collect, dedup_eval, minhash, minhash_naive, minhash_permutations,
                                 near_duplicate_pairs, shingles)
 
@@ -29,7 +30,7 @@ def median_time(fn, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sources", nargs="+", default=["pydoc", "docstrings", "metadata"])
+    ap.add_argument("--sources", nargs="+", default=preset_config("tiny", "data")["sources"], help="default: the tiny preset's")
     ap.add_argument("--max-docs", type=int, default=None)
     ap.add_argument("--num-perm", type=int, default=128)
     ap.add_argument("--bands", type=int, default=16)
