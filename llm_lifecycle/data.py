@@ -15,7 +15,7 @@ __all__ = ['PSF', 'LICENCE_FILE_PREFIXES', 'TEXT_SUFFIXES', 'RECORD_SUFFIXES', '
            'minhash_naive', 'minhash', 'lsh_probability', 'lsh_candidates', 'near_duplicate_pairs', 'cluster_roots',
            'perturb', 'dedup_eval', 'Funnel', 'clean_corpus', 'assign_split', 'split_corpus']
 
-# %% ../nbs/01_data.ipynb #4c4032f0
+# %% ../nbs/01_data.ipynb #0e3a1a35
 import ast, hashlib, json, re, struct, sysconfig, unicodedata
 import importlib.metadata
 from collections import Counter, defaultdict
@@ -26,7 +26,7 @@ from bs4 import BeautifulSoup
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
-# %% ../nbs/01_data.ipynb #4ba53878
+# %% ../nbs/01_data.ipynb #f5aa952f
 PSF = "PSF-2.0"
 
 def doc(id:str, text:str, source:str, licence:str, format:str="text") -> dict:
@@ -38,7 +38,7 @@ def pydoc_docs():
     from pydoc_data.topics import topics
     for name in sorted(topics): yield doc(f"pydoc/{name}", topics[name], "pydoc", PSF, "rst")
 
-# %% ../nbs/01_data.ipynb #4ff606ae
+# %% ../nbs/01_data.ipynb #108e37c0
 def module_docstrings(source:str) -> str|None:
     "The docstrings of a module's source text, as one document (`None` if it has none or does not parse)."
     try: tree = ast.parse(source)
@@ -57,7 +57,7 @@ def module_docstrings(source:str) -> str|None:
     text = "\n\n".join(p for p in parts if p)
     return text or None
 
-# %% ../nbs/01_data.ipynb #afb87f68
+# %% ../nbs/01_data.ipynb #d35b1a11
 def docstring_docs(root=None, source:str="docstrings", licence_of=None):
     "One document per `.py` module under `root` (the standard library by default) that has docstrings."
     root = Path(root or sysconfig.get_paths()["stdlib"])
@@ -69,7 +69,7 @@ def docstring_docs(root=None, source:str="docstrings", licence_of=None):
         licence = licence_of(rel) if licence_of else PSF
         if licence: yield doc(f"{source}/{rel.as_posix()}", text, source, licence, "rst")
 
-# %% ../nbs/01_data.ipynb #e54d0d2c
+# %% ../nbs/01_data.ipynb #051ae564
 def dist_licence(meta) -> str:
     "A distribution's declared licence: SPDX expression, else classifiers, else the free-text field's first line."
     if meta.get("License-Expression"): return meta["License-Expression"].strip()
@@ -93,7 +93,7 @@ def metadata_docs():
         seen.add(name)
         yield doc(f"metadata/{name}", text, "metadata", dist_licence(m), description_format(m.get("Description-Content-Type")))
 
-# %% ../nbs/01_data.ipynb #284aef37
+# %% ../nbs/01_data.ipynb #cda78b80
 LICENCE_FILE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
 
 def licence_file_docs():
@@ -106,7 +106,7 @@ def licence_file_docs():
             except (OSError, UnicodeDecodeError): continue
             yield doc(f"licence_files/{f.as_posix()}", text, "licence_files", dist_licence(d.metadata), "text")
 
-# %% ../nbs/01_data.ipynb #ea27f85e
+# %% ../nbs/01_data.ipynb #0a9a91de
 def site_licences() -> dict:
     "Top-level import name → licence of the distribution that installs it."
     out = {}
@@ -123,7 +123,7 @@ def site_docstring_docs():
     lic = site_licences()
     yield from docstring_docs(sysconfig.get_paths()["purelib"], "site_docstrings", lambda rel: lic.get(rel.parts[0].removesuffix(".py")))
 
-# %% ../nbs/01_data.ipynb #3f0a96a4
+# %% ../nbs/01_data.ipynb #9f9e3a08
 TEXT_SUFFIXES = {".txt": "text", ".md": "markdown", ".rst": "rst", ".html": "html", ".htm": "html"}
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet"}
 
@@ -139,7 +139,7 @@ def read_text_file(p) -> str:
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise ValueError(f"{p}:{line}: not UTF-8 text: byte 0x{data[e.start]:02x} at column {col}") from None
 
-# %% ../nbs/01_data.ipynb #0e332625
+# %% ../nbs/01_data.ipynb #cdc556a5
 def spdx_from_licence_text(text:str) -> str:
     "A best guess at the SPDX id of a LICENSE file's text (`UNKNOWN` if none matches)."
     t = " ".join(text.split()).lower()
@@ -186,7 +186,7 @@ def folder_docs(path):
             lic = r.get("licence") or r.get("license") or folder_licence
             yield doc(f"local/{rel}#{line}", text, "local", str(lic), r.get("format", "text"))
 
-# %% ../nbs/01_data.ipynb #79cd5090
+# %% ../nbs/01_data.ipynb #97eb0996
 def hub_docs(name:str, max_docs:int|None=None, split:str="train", config:str|None=None, text_field:str="text"):
     "Stream raw documents from the Hugging Face hub dataset `name` (needs the internet)."
     from datasets import load_dataset
@@ -199,7 +199,7 @@ def hub_docs(name:str, max_docs:int|None=None, split:str="train", config:str|Non
         if max_docs is not None and i >= max_docs: break
         yield doc(f"hub/{name}/{i}", r[text_field], "hub", licence, "text")
 
-# %% ../nbs/01_data.ipynb #476a3db3
+# %% ../nbs/01_data.ipynb #495addfb
 BUILTIN_SOURCES = {"pydoc": pydoc_docs, "docstrings": docstring_docs, "metadata": metadata_docs,
                    "licence_files": licence_file_docs, "site_docstrings": site_docstring_docs}
 
@@ -221,7 +221,7 @@ def collect(sources=("pydoc", "docstrings", "metadata", "licence_files"), path=N
         docs = [d for i, d in enumerate(docs) if i in keep]
     return docs
 
-# %% ../nbs/01_data.ipynb #d8c36970
+# %% ../nbs/01_data.ipynb #4419a554
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
@@ -233,7 +233,7 @@ def normalize_text(text:str) -> str:
     lines = [l.rstrip() if l.startswith((" ", "\t")) else _SPACES.sub(" ", l).rstrip() for l in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
-# %% ../nbs/01_data.ipynb #5cfbcef6
+# %% ../nbs/01_data.ipynb #94d80c96
 _BLOCK_TAGS = ["p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table", "tr", "td", "th",
                "section", "article", "header", "footer", "blockquote", "details", "summary", "dt", "dd"]
 
@@ -244,7 +244,7 @@ def strip_html(text:str) -> str:
     for t in soup.find_all(_BLOCK_TAGS): t.insert_before("\n"); t.insert_after("\n")
     return soup.get_text()
 
-# %% ../nbs/01_data.ipynb #30621fac
+# %% ../nbs/01_data.ipynb #6dfa8461
 _MD_RULES = [
     (re.compile(r"\[!\[[^\]]*\]\([^)]*\)\]\([^)]*\)"), ""),  # linked badge [![alt](img)](url)
     (re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),  # image ![alt](url)
@@ -265,7 +265,7 @@ def strip_markdown(text:str) -> str:
     for pat, rep in _MD_RULES: text = pat.sub(rep, text)
     return text
 
-# %% ../nbs/01_data.ipynb #9b63b401
+# %% ../nbs/01_data.ipynb #4ed37511
 _RST_RULES = [
     (re.compile(r"^\.\. \|[^|]+\|\s+\w+::.*(?:\n[ \t]+:.*)*", re.M), ""),  # substitution definitions (badges)
     (re.compile(r"^\.\. (?:image|figure|raw|toctree|contents)::.*(?:\n[ \t]+:.*)*", re.M), ""),  # with options
@@ -285,7 +285,7 @@ def strip_rst(text:str) -> str:
     for pat, rep in _RST_RULES: text = pat.sub(rep, text)
     return text
 
-# %% ../nbs/01_data.ipynb #ceda3f1f
+# %% ../nbs/01_data.ipynb #ab9dbc98
 def strip_markup(text:str, format:str) -> str:
     "`text` without the markup of its `format` (`html`, `markdown`, `rst` or plain `text`)."
     if format == "html": return strip_html(text)
@@ -293,7 +293,7 @@ def strip_markup(text:str, format:str) -> str:
     if format == "rst": return strip_rst(text)
     return text
 
-# %% ../nbs/01_data.ipynb #2699dae0
+# %% ../nbs/01_data.ipynb #3df7bb22
 PERMISSIVE = {"mit", "mit-0", "bsd", "0bsd", "bsd-2-clause", "bsd-3-clause", "apache", "apache-2.0", "apache 2.0",
               "apache software license", "bsd license", "mit license", "psf-2.0", "python-2.0",
               "python software foundation license", "isc", "isc license (iscl)", "unlicense", "the unlicense (unlicense)",
@@ -310,7 +310,7 @@ def is_permissive(licence:str) -> bool:
     lic = lic.lower().removesuffix(" license").strip() if lic.lower() not in PERMISSIVE else lic.lower()
     return lic in PERMISSIVE or f"{lic} license" in PERMISSIVE
 
-# %% ../nbs/01_data.ipynb #0fc772df
+# %% ../nbs/01_data.ipynb #a6002756
 STOPWORDS = frozenset("the be to of and that have with".split())
 _END_PUNCT = tuple('.!?:;"\')')
 
@@ -338,11 +338,11 @@ def quality_failures(q:dict, min_words=20, max_words=100_000, max_symbol_ratio=0
         ("no_end_punctuation", q["end_punct_frac"] < min_end_punct_frac),
         ("not_english", q["stopwords"] < min_stopwords)] if bad]
 
-# %% ../nbs/01_data.ipynb #0ff568bf
+# %% ../nbs/01_data.ipynb #cd7f2238
 PII_PATTERNS = {
     "EMAIL": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
     "SECRET": re.compile(r"\b(?:AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36}|hf_[A-Za-z]{34}|sk-[A-Za-z0-9_-]{32,}|xox[abpr]-[A-Za-z0-9-]{10,})\b"
-                         r"|(?i:(?<=[\"' ])(?:api[_-]?key|secret|token|passwd|password)[\"']?\s*[:=]\s*[\"'])[^\"'\s]{12,}(?=[\"'])"),
+                         r"|(?P<key>(?i:\b(?:api[_-]?key|secret|token|passwd|password)[\"']?\s*[:=]\s*[\"']))[^\"'\s]{12,}(?=[\"'])"),
     "IP": re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"),
     "PHONE": re.compile(r"(?<![\w.+-])(?:\+\d{1,3}[ .-])?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?![\w.-])"),
 }
@@ -355,11 +355,11 @@ def redact_pii(text:str) -> tuple[str, dict]:
         def sub(m):
             if kind == "IP" and m.group() in NOT_PERSONAL_IPS: return m.group()
             counts[kind] = counts.get(kind, 0) + 1
-            return f"<{kind}>"
+            return (m.groupdict().get("key") or "") + f"<{kind}>"  # a secret keeps its name: `api_key = "<SECRET>"`
         text = pat.sub(sub, text)
     return text, counts
 
-# %% ../nbs/01_data.ipynb #b3146dda
+# %% ../nbs/01_data.ipynb #0100446d
 def exact_key(text:str) -> str:
     "The hash that identifies `text` up to case and whitespace."
     return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
@@ -369,7 +369,7 @@ def first_occurrences(keys) -> list:
     seen = set()
     return [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
 
-# %% ../nbs/01_data.ipynb #1e94817e
+# %% ../nbs/01_data.ipynb #f84b2fb2
 def shingles(text:str, k:int=5) -> set:
     "The set of `k`-word shingles of `text` (lower-cased, punctuation dropped), as UTF-8 bytes."
     w = re.findall(r"\w+", text.lower())
@@ -379,7 +379,7 @@ def jaccard_similarity(a:set, b:set) -> float:
     "|a ∩ b| / |a ∪ b| (0 for two empty sets)."
     return len(a & b) / len(a | b) if a or b else 0.0
 
-# %% ../nbs/01_data.ipynb #89101081
+# %% ../nbs/01_data.ipynb #41890ab8
 MERSENNE_PRIME = (1 << 61) - 1
 MAX_HASH = (1 << 32) - 1
 
@@ -399,7 +399,7 @@ def minhash_naive(shingle_set:set, perms:np.ndarray) -> list:
     return [min((((int(a) * h + int(b)) % 2**64) % MERSENNE_PRIME) & MAX_HASH for h in hashes) if hashes else MAX_HASH
             for a, b in zip(*perms)]
 
-# %% ../nbs/01_data.ipynb #8120ad15
+# %% ../nbs/01_data.ipynb #af9fc370
 def minhash(shingle_set:set, perms:np.ndarray) -> np.ndarray:
     "The MinHash signature of a set of shingles (uint32, one value per permutation), vectorised."
     if not shingle_set: return np.full(perms.shape[1], MAX_HASH, dtype=np.uint32)
@@ -407,7 +407,7 @@ def minhash(shingle_set:set, perms:np.ndarray) -> np.ndarray:
     a, b = perms
     return (((h[:, None] * a + b) % np.uint64(MERSENNE_PRIME)) & np.uint64(MAX_HASH)).min(axis=0).astype(np.uint32)
 
-# %% ../nbs/01_data.ipynb #53153b5c
+# %% ../nbs/01_data.ipynb #b9bfa117
 def lsh_probability(s, bands:int, rows:int):
     "Probability that two documents of Jaccard similarity `s` become LSH candidates."
     return 1 - (1 - np.asarray(s, dtype=float) ** rows) ** bands
@@ -424,7 +424,7 @@ def lsh_candidates(signatures:np.ndarray, bands:int) -> set:
             pairs.update((members[x], members[y]) for x in range(len(members)) for y in range(x + 1, len(members)))
     return pairs
 
-# %% ../nbs/01_data.ipynb #817edfef
+# %% ../nbs/01_data.ipynb #b5746781
 def near_duplicate_pairs(signatures:np.ndarray, bands:int, threshold:float) -> list:
     "LSH candidate pairs whose estimated Jaccard similarity (equal signature entries) is at least `threshold`."
     return sorted((i, j) for i, j in lsh_candidates(signatures, bands)
@@ -441,7 +441,7 @@ def cluster_roots(n:int, pairs) -> np.ndarray:
         if ri != rj: parent[max(ri, rj)] = min(ri, rj)
     return np.array([find(i) for i in range(n)])
 
-# %% ../nbs/01_data.ipynb #4cbe236c
+# %% ../nbs/01_data.ipynb #b85a0387
 def perturb(text:str, edit_frac:float, rng:np.random.Generator) -> str:
     "`text` with a fraction `edit_frac` of its words replaced, deleted or duplicated at random."
     words = text.split(" ")
@@ -470,7 +470,7 @@ def dedup_eval(texts:list, n_planted:int=100, edit_frac:float=0.02, k:int=5, num
                 precision=sum(true_j[p] >= threshold for p in found) / max(len(found), 1),
                 planted_jaccard_mean=float(np.mean([true_j[p] for p in planted])))
 
-# %% ../nbs/01_data.ipynb #084de679
+# %% ../nbs/01_data.ipynb #8d58d9d4
 class Funnel:
     "Documents and bytes left after each step of a pipeline, with examples of what each step removed."
     def __init__(self): self.steps = []
@@ -490,7 +490,7 @@ class Funnel:
         df["docs_kept_%"] = 100 * df.docs / df.docs.iloc[0]
         return df
 
-# %% ../nbs/01_data.ipynb #771681ef
+# %% ../nbs/01_data.ipynb #674ce0e4
 def _normalize(batch): return {"text": [normalize_text(t) for t in batch["text"]]}
 def _markup(batch): return {"text": [normalize_text(strip_markup(t, f)) for t, f in zip(batch["text"], batch["format"])]}
 def _quality(batch, thresholds): return {"failures": [quality_failures(quality_signals(t), **thresholds) for t in batch["text"]]}
@@ -505,7 +505,7 @@ def _removed(before:Dataset, keep:list, why) -> list:
     kept = set(keep)
     return [dict(id=before[i]["id"], why=why(i), text=before[i]["text"][:160]) for i in range(len(before)) if i not in kept][:3]
 
-# %% ../nbs/01_data.ipynb #9a49c195
+# %% ../nbs/01_data.ipynb #647563ce
 def clean_corpus(ds:Dataset, min_words=20, max_words=100_000, max_symbol_ratio=0.1, min_mean_word_len=2.5,
                  max_mean_word_len=12.0, max_dup_line_frac=0.3, min_end_punct_frac=0.1, min_stopwords=2,
                  num_perm=128, bands=16, shingle=5, jaccard=0.7, num_proc=1, **_) -> tuple:
@@ -548,7 +548,7 @@ def clean_corpus(ds:Dataset, min_words=20, max_words=100_000, max_symbol_ratio=0
     info["near_duplicate_pairs"] = len(pairs)
     return ds, f, info
 
-# %% ../nbs/01_data.ipynb #f617b9e4
+# %% ../nbs/01_data.ipynb #2b592e67
 def assign_split(id:str, val_frac:float=0.05, test_frac:float=0.05) -> str:
     "`'test'`, `'validation'` or `'train'`, from a uniform hash of the document's `id`."
     u = stable_hash(id) / 2**64
