@@ -10,7 +10,7 @@ __all__ = ['STAGES', 'PRESETS', 'VERSIONED', 'Stage', 'get_stage', 'preset_confi
            'resolve_run_dir', 'package_versions', 'git_commit', 'MissingInputError', 'stage_done', 'require_inputs',
            'StageRun', 'update_run_json', 'start_stage']
 
-# %% ../nbs/00_core.ipynb #1a879581
+# %% ../nbs/00_core.ipynb #cf9aef64
 import contextlib, datetime, importlib.metadata, json, os, platform, random, shutil, subprocess, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../nbs/00_core.ipynb #97edc88a
+# %% ../nbs/00_core.ipynb #05a1d415
 @dataclass(frozen=True)
 class Stage:
     "One stage of the lifecycle: its notebook, the artifacts that mark it done, the stages it reads."
@@ -31,7 +31,7 @@ class Stage:
     @property
     def notebook(self) -> str: return f"{self.num}_{self.name}"
 
-# %% ../nbs/00_core.ipynb #f2791421
+# %% ../nbs/00_core.ipynb #fd16d652
 STAGES = [
     Stage("01", "data", "Raw text to a clean corpus", ("data/stats.json",)),
     Stage("02", "tokenizer", "The tokenizer", ("tokenizer/tokenizer.json", "tokenizer/stats.json"), ("data",)),
@@ -55,7 +55,7 @@ def get_stage(key:str) -> Stage:
         if k in (s.name, s.notebook) or (k.isdigit() and int(k) == int(s.num)): return s
     raise KeyError(f"no stage {key!r}; stages are: " + ", ".join(s.notebook for s in STAGES))
 
-# %% ../nbs/00_core.ipynb #bd05a232
+# %% ../nbs/00_core.ipynb #df447b78
 PRESETS = {
     "tiny": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files"], path=None, hf_dataset=None, max_docs=2500,
@@ -66,10 +66,10 @@ PRESETS = {
         "encoding": dict(block_size=128, batch_size=8, num_proc=1),
         "model": dict(d_model=128, n_layer=4, n_head=4, n_kv_head=2, d_ff=None, max_seq_len=128, rope_theta=10000.0,
                       dropout=0.0, n_experts=0, top_k_experts=2, tie_embeddings=True),
-        "pretrain": dict(max_steps=250, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=20,
-                         weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=50, eval_batches=8,
-                         ckpt_interval=100, resume=False, compile=False, dtype="auto", lr_sweep=[1e-3, 3e-3, 1e-2],
-                         scaling_sizes=[[32, 1], [64, 2], [128, 4]], sweep_steps=30),
+        "pretrain": dict(max_steps=500, batch_size=8, grad_accum=1, lr=1e-2, min_lr=1e-3, warmup_steps=20,
+                         weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=100, eval_iters=8,
+                         ckpt_interval=200, resume=False, compile=False, dtype="auto", lr_sweep=[3e-3, 1e-2, 3e-2],
+                         scaling_sizes=[[32, 1], [64, 2], [128, 4]], sweep_steps=15),
         "generation": dict(max_new_tokens=32, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3, num_beams=4,
                            length_penalty=1.0, n_samples=4,
                            prompts=["The function returns", "This module provides", "If the value is", "Return a new"]),
@@ -80,7 +80,7 @@ PRESETS = {
         "encoding": dict(block_size=256, batch_size=16, num_proc=2),
         "model": dict(d_model=384, n_layer=6, n_head=6, n_kv_head=2, max_seq_len=256),
         "pretrain": dict(max_steps=600, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_interval=100,
-                         eval_batches=16, ckpt_interval=200, lr_sweep=[6e-4, 2e-3, 6e-3],
+                         eval_iters=16, ckpt_interval=200, lr_sweep=[6e-4, 2e-3, 6e-3],
                          scaling_sizes=[[96, 2], [192, 4], [384, 6]], sweep_steps=40),
         "generation": dict(max_new_tokens=64, n_samples=8),
     },
@@ -90,7 +90,7 @@ PRESETS = {
         "encoding": dict(block_size=1024, batch_size=32, num_proc=8),
         "model": dict(d_model=768, n_layer=12, n_head=12, n_kv_head=4, max_seq_len=1024, tie_embeddings=False),
         "pretrain": dict(max_steps=5000, batch_size=32, grad_accum=4, lr=1e-3, min_lr=1e-4, warmup_steps=200,
-                         eval_interval=250, eval_batches=40, ckpt_interval=1000, compile=True,
+                         eval_interval=250, eval_iters=40, ckpt_interval=1000, compile=True,
                          lr_sweep=[3e-4, 1e-3, 3e-3], scaling_sizes=[[256, 4], [384, 6], [512, 8]], sweep_steps=200),
         "generation": dict(max_new_tokens=128, n_samples=16),
     },
@@ -101,7 +101,7 @@ def preset_config(preset:str, stage:str) -> dict:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return {**PRESETS["tiny"].get(stage, {}), **PRESETS[preset].get(stage, {})}
 
-# %% ../nbs/00_core.ipynb #10ac852b
+# %% ../nbs/00_core.ipynb #516d67c1
 def stage_config(stage:str, preset:str, **overrides) -> dict:
     "The knobs of `stage` under `preset`, with every override that is not `None` applied."
     cfg = preset_config(preset, stage)
@@ -109,7 +109,7 @@ def stage_config(stage:str, preset:str, **overrides) -> dict:
     if unknown: raise TypeError(f"stage {stage!r} has no knob {', '.join(sorted(unknown))}; knobs: {', '.join(cfg)}")
     return {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
 
-# %% ../nbs/00_core.ipynb #f15d38e3
+# %% ../nbs/00_core.ipynb #020a4ced
 def resolve_preset(preset:str="auto") -> str:
     "The preset to use: `preset` itself, or for `'auto'` the environment's choice, then the hardware's."
     if preset in (None, "auto"):
@@ -117,7 +117,7 @@ def resolve_preset(preset:str="auto") -> str:
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return preset
 
-# %% ../nbs/00_core.ipynb #74b76d47
+# %% ../nbs/00_core.ipynb #c99759e7
 def pick_device(device:str="auto") -> torch.device:
     "The `torch.device` for `device`; `'auto'` takes cuda, then mps, then cpu."
     if device in (None, "auto"):
@@ -128,14 +128,14 @@ def pick_device(device:str="auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available(): raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
     return dev
 
-# %% ../nbs/00_core.ipynb #d61bef83
+# %% ../nbs/00_core.ipynb #1b95e276
 def seed_everything(seed:int):
     "Seed Python's, NumPy's and torch's generators (all devices)."
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb #3d1ac210
+# %% ../nbs/00_core.ipynb #06e93889
 _UMASK = os.umask(0o022); os.umask(_UMASK)
 
 def atomic_write(path, data:str|bytes) -> Path:
@@ -163,7 +163,7 @@ def load_json(path):
     try: return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 
-# %% ../nbs/00_core.ipynb #80daf263
+# %% ../nbs/00_core.ipynb #f8cc061c
 @contextlib.contextmanager
 def atomic_dir(path):
     "Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."
@@ -180,7 +180,7 @@ def atomic_dir(path):
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
 
-# %% ../nbs/00_core.ipynb #69e4c907
+# %% ../nbs/00_core.ipynb #9780bdf0
 def project_root() -> Path:
     "The checkout this package runs from (the folder with `nbs/` and `pyproject.toml`), else the working directory."
     import llm_lifecycle
@@ -193,7 +193,7 @@ def resolve_run_dir(run_dir=None, preset:str="tiny") -> Path:
     run_dir = run_dir or os.environ.get("LLM_LIFECYCLE_RUN_DIR") or project_root()/"runs"/preset
     return Path(run_dir).expanduser().resolve()
 
-# %% ../nbs/00_core.ipynb #4448ba61
+# %% ../nbs/00_core.ipynb #1011de90
 VERSIONED = ["torch", "transformers", "datasets", "tokenizers", "sentencepiece", "peft", "trl", "evaluate",
              "accelerate", "numpy", "papermill", "llm-lifecycle"]
 
@@ -211,7 +211,7 @@ def git_commit(path=None) -> str|None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/00_core.ipynb #0770f0f0
+# %% ../nbs/00_core.ipynb #5fde78e0
 class MissingInputError(FileNotFoundError):
     "A stage's input artifact is not in the run directory."
 
@@ -231,7 +231,7 @@ def require_inputs(run_dir, stage:str|Stage):
                     f"stage {s.notebook} needs {Path(run_dir)/o}, which stage {src.notebook} makes and has not "
                     f"made in this run directory. Make it with:\n    llm-lifecycle run --run-dir {run_dir} --to {src.num}")
 
-# %% ../nbs/00_core.ipynb #63ac9f78
+# %% ../nbs/00_core.ipynb #fba53fc9
 @dataclass
 class StageRun:
     "What a stage needs to know about its run: where things are, what to use, which knobs."
