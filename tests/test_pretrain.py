@@ -1,0 +1,113 @@
+"Stage 05: pretraining. The tiny run's base model, and the loop's parts: schedule, parameter groups, exact resume."
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llm_lifecycle.core import load_json
+from llm_lifecycle.encoding import load_tokens
+from llm_lifecycle.model import ModelConfig, TransformerLM
+from llm_lifecycle.pretrain import (TrainConfig, bits_per_byte, causal_lm_loss, evaluate, lr_at, mlm_mask,
+                                    param_groups, resume_is_exact, sized_config, train_dtype, unigram_loss)
+
+MICRO = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, max_seq_len=16, dropout=0.1)
+
+
+def synthetic_tokens(n=20_000, vocab=64, seed=0) -> np.ndarray:
+    "A token stream with structure to learn: each token mostly follows from the previous one."
+    rng = np.random.default_rng(seed)
+    ids = np.empty(n, dtype=np.uint16)
+    ids[0] = 0
+    for i in range(1, n): ids[i] = (ids[i - 1] * 7 + 3) % vocab if rng.random() < 0.8 else rng.integers(vocab)
+    return ids
+
+
+def test_tiny_run_base_model(tiny_run):
+    from transformers import AutoModelForCausalLM
+    metrics = load_json(tiny_run/"base"/"metrics.json")
+    assert metrics["val_bpb"] < metrics["unigram_bpb"] - 0.2
+    assert metrics["test_bpb"] < metrics["unigram_test_bpb"] - 0.2
+    assert metrics["last_train_loss"] < metrics["first_train_loss"]
+    assert metrics["history"]["val_loss"][-1] < metrics["history"]["val_loss"][0]
+    assert metrics["steps"] > 0 and metrics["tokens_seen"] > 0
+    hf = AutoModelForCausalLM.from_pretrained(tiny_run/"base", dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    meta = load_json(tiny_run/"tokens"/"meta.json")
+    val = load_tokens(tiny_run/"tokens", "validation")
+    loss = evaluate(hf, val, 32, hf.config.max_position_embeddings)
+    assert math.isclose(loss, metrics["val_loss"], rel_tol=1e-4)
+    assert math.isclose(bits_per_byte(loss, meta["splits"]["validation"]["bytes_per_token"]), metrics["val_bpb"], rel_tol=1e-4)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    tc = TrainConfig(max_steps=8, batch_size=4, block_size=16, grad_accum=2, warmup_steps=2, eval_interval=3,
+                     eval_iters=2)
+    assert resume_is_exact(synthetic_tokens(), MICRO, tc, stop_at=3, ckpt_dir=tmp_path/"ckpt")
+    assert load_json(tmp_path/"ckpt"/"state.json")["step"] == 3
+
+
+def test_training_beats_unigram_on_synthetic_tokens():
+    from llm_lifecycle.pretrain import pretrain
+    data = synthetic_tokens()
+    torch.manual_seed(0)
+    model = TransformerLM(MICRO)
+    tc = TrainConfig(max_steps=60, batch_size=8, block_size=16, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=30,
+                     eval_iters=4)
+    hist = pretrain(model, data, data, tc, progress=False)
+    assert hist["val_loss"][-1] < 0.7 * unigram_loss(data, data, 64)
+    assert hist["tokens"] == 60 * tc.tokens_per_step
+
+
+def test_lr_schedule_shape():
+    lrs = [lr_at(s, 1.0, 0.1, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)  # half-way through the cosine: the middle
+    assert lr_at(100, 1.0, 0.1, 10, 100) == lr_at(500, 1.0, 0.1, 10, 100) == 0.1
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_groups(tie):
+    model = TransformerLM(ModelConfig(**{**MICRO.__dict__, "tie_embeddings": tie}))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    names = {n: id(p) in decayed for n, p in model.named_parameters()}
+    assert not names["tok_emb.weight"] and not names["norm.weight"]
+    assert all(names[n] for n in names if n.endswith("_proj.weight"))
+    assert all(not names[n] for n in names if "norm" in n)
+    if not tie: assert names["lm_head.weight"]
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_causal_lm_loss_by_hand():
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 7, (2, 5), generator=torch.Generator().manual_seed(1))
+    logp = logits.log_softmax(-1)
+    by_hand = -torch.stack([logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(4)]).mean()
+    assert torch.allclose(causal_lm_loss(logits, ids), by_hand)
+
+
+def test_bits_per_byte_and_unigram():
+    assert bits_per_byte(math.log(2) * 6, 3.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="positive"): bits_per_byte(1.0, 0.0)
+    assert unigram_loss(np.array([0, 0, 0, 1]), np.array([0]), 2) == pytest.approx(-math.log(4 / 6))
+
+
+def test_train_dtype_and_sizes():
+    assert train_dtype("auto", "cpu") == torch.float32 and train_dtype("auto", "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be"): train_dtype("fp16", "cpu")
+    base = ModelConfig(vocab_size=64, d_model=128, n_head=4, n_kv_head=2)
+    c = sized_config(base, 256, 6)
+    assert (c.d_model, c.n_layer, c.head_dim, c.n_head // c.n_kv_head) == (256, 6, 32, 2)
+
+
+def test_mlm_mask_proportions():
+    ids = torch.randint(3, 1000, (200, 100), generator=torch.Generator().manual_seed(0))
+    inputs, labels = mlm_mask(ids, 2, 1000, torch.Generator().manual_seed(1))
+    chosen = labels != -100
+    assert abs(chosen.float().mean().item() - 0.15) < 0.01
+    assert abs((inputs[chosen] == 2).float().mean().item() - 0.8) < 0.02
+    assert torch.equal(inputs[~chosen], ids[~chosen]) and torch.equal(labels[chosen], ids[chosen])
