@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  llm-lifecycle run --preset tiny            every stage, small, a few minutes on CPU\n"
                "  llm-lifecycle run --to 03 -p vocab_size=4096\n"
                "  llm-lifecycle run --from 02 --run-dir runs/tiny   re-run from the tokenizer on\n"
-               "  llm-lifecycle stages --run-dir runs/tiny     what exists and what is done")
+               "  llm-lifecycle stages --run-dir runs/tiny     what exists and what is done\n"
+               "  accelerate launch --multi_gpu --num_processes 8 --no_python llm-lifecycle pretrain --preset gpu")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="execute the stage notebooks in order with papermill",
                        description="Execute the stage notebooks in order into RUN_DIR/notebooks/.")
@@ -148,6 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    t = sub.add_parser("pretrain", help="stage 05 as a script, for accelerate launch or torchrun on several GPUs",
+                       description="Pretrain the run's model and save RUN_DIR/base/, as stage 05 does but without its "
+                                   "experiments (lr sweep, scaling runs, masked-LM demo). Data-parallel on N GPUs: "
+                                   "accelerate launch --multi_gpu --num_processes N --no_python llm-lifecycle pretrain ...")
+    t.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="as for run")
+    t.add_argument("--run-dir", help="run directory with tokenizer/ and tokens/ (stages 02 and 03)")
+    t.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a knob of stage 05 or of the model (repeatable), e.g. -p max_steps=100")
+    t.add_argument("--device", default="auto", help="as for run; under a launcher each process takes its own GPU")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("stages", help="list the stages and which are done in a run directory")
     s.add_argument("--run-dir", help="run directory to inspect (default: runs/<preset>)")
     s.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
@@ -172,6 +184,15 @@ def main(argv=None) -> int:
     if args.preset == "auto": print(f"preset: {preset} (auto: chosen for this machine; --preset tiny runs in minutes)")
     try:
         params = dict(parse_param(p) for p in args.param)
+        if args.command == "pretrain":
+            from .pretrain import train_base
+            stage = get_stage("pretrain")
+            if notebook_path(stage).exists(): check_params([stage], params)
+            metrics = train_base(preset, args.run_dir, args.device, args.seed, progress=not args.no_progress, **params)
+            if metrics: print(f"finished: validation {metrics['val_bpb']:.3f} bits per byte "
+                              f"(unigram {metrics['unigram_val_bpb']:.3f}); base model in "
+                              f"{resolve_run_dir(args.run_dir, preset)/'base'}")
+            return 0
         run_dir = run_lifecycle(preset, args.run_dir, args.start, args.stop, params, args.device, args.seed,
                                 progress=not args.no_progress)
     except (ValueError, KeyError, MissingInputError, StageFailed) as e:

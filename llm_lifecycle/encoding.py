@@ -80,10 +80,13 @@ def to_device(x:torch.Tensor, device) -> torch.Tensor:
     return x.to(device)
 
 # %% ../nbs/03_encoding.ipynb #3af336b7
-def get_batch(data:np.ndarray, batch_size:int, block_size:int, generator:torch.Generator=None, device="cpu"):
-    "A random batch of windows `(x, y)` from the token array `data`, `y` being `x` shifted by one token."
+def get_batch(data:np.ndarray, batch_size:int, block_size:int, generator:torch.Generator=None, device="cpu",
+              shard:int=0, num_shards:int=1):
+    "A random batch of windows `(x, y)` from the token array `data`, `y` being `x` shifted by one token; with `num_shards`, slice `shard` of a global batch `num_shards` times larger."
     if len(data) <= block_size: raise ValueError(f"{len(data)} tokens are too few for a window of block_size={block_size} (+1)")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    if not 0 <= shard < num_shards: raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+    starts = torch.randint(len(data) - block_size, (batch_size * num_shards,), generator=generator)
+    starts = starts[shard * batch_size:(shard + 1) * batch_size].tolist()
     x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
     return to_device(x, device), to_device(y, device)

@@ -9,8 +9,8 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/pretrain.html.md"""
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'next_token_loss', 'causal_lm_loss', 'bits_per_byte', 'unigram_loss', 'param_groups', 'make_optimizer',
            'lr_at', 'train_dtype', 'autocast', 'evaluate', 'save_checkpoint', 'load_checkpoint', 'matmul_flops',
-           'peak_flops', 'mfu', 'TrainConfig', 'pretrain', 'resume_is_exact', 'short_run', 'sized_config', 'mlm_mask',
-           'bidirectional_logits']
+           'peak_flops', 'mfu', 'TrainConfig', 'pretrain', 'resume_is_exact', 'final_metrics', 'train_base',
+           'short_run', 'sized_config', 'mlm_mask', 'bidirectional_logits']
 
 # %% ../nbs/05_pretrain.ipynb #5f313304
 import contextlib, dataclasses, math, random, time
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
-from .core import atomic_dir, load_json, save_json
-from .encoding import eval_batches, get_batch
-from .model import ModelConfig, TransformerLM, flops_per_token, param_count
+from .core import PRESETS, atomic_dir, load_json, save_json, seed_everything, stage_config, start_stage
+from .encoding import eval_batches, get_batch, load_tokens
+from .model import ModelConfig, TransformerLM, flops_per_token, param_count, save_hf
 
 # %% ../nbs/05_pretrain.ipynb #ba2bd6f0
 def next_token_loss(logits:torch.Tensor, targets:torch.Tensor, reduction:str="mean") -> torch.Tensor:
@@ -87,16 +87,21 @@ def autocast(device, dtype:torch.dtype):
 # %% ../nbs/05_pretrain.ipynb #2f310f2e
 @torch.no_grad()
 def evaluate(model:nn.Module, data:np.ndarray, batch_size:int, block_size:int, device="cpu", max_batches:int=None,
-             dtype:torch.dtype=torch.float32) -> float:
-    "Mean next-token loss (nats per token) of `model` on `data`, read in order in non-overlapping windows."
+             dtype:torch.dtype=torch.float32, shard:int=0, num_shards:int=1) -> float:
+    "Mean next-token loss (nats per token) of `model` on `data`, read in order in non-overlapping windows; with `num_shards` processes, each reads every `num_shards`-th batch and the sums are all-reduced."
     was_training, total, n = model.training, 0.0, 0
     model.eval()
-    for x, y in eval_batches(data, batch_size, block_size, device, max_batches):
+    for b, (x, y) in enumerate(eval_batches(data, batch_size, block_size, device, max_batches)):
+        if b % num_shards != shard: continue
         with autocast(device, dtype):
             out = model(x)
         logits = out[0] if isinstance(out, tuple) else out.logits
         total += next_token_loss(logits, y, reduction="sum").item(); n += y.numel()
     model.train(was_training)
+    if num_shards > 1:
+        sums = torch.tensor([total, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, n = sums.tolist()
     return total / n
 
 # %% ../nbs/05_pretrain.ipynb #9c4ce925
@@ -161,7 +166,7 @@ def mfu(tokens_per_s:float, cfg:ModelConfig, seq_len:int, peak:float) -> float:
 class TrainConfig:
     "The knobs of one pretraining run."
     max_steps: int = 250  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch, per process
     block_size: int = 128  # tokens per sequence: the model's context length
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3  # peak learning rate
@@ -172,10 +177,11 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # largest global gradient norm; 0: no clipping
     eval_interval: int = 50  # steps between validation evaluations
-    eval_iters: int = 8  # batches per periodic evaluation
+    eval_iters: int = 8  # global batches per periodic evaluation
     ckpt_interval: int = 0  # steps between checkpoints; 0: none
     dtype: str = "auto"  # auto, bfloat16 or float32
     compile: bool = False  # torch.compile the model
+    max_epochs: float = 0  # most passes over the training split (cuts max_steps); 0: no limit
 
     @property
     def tokens_per_step(self) -> int: return self.batch_size * self.block_size * self.grad_accum
@@ -185,6 +191,16 @@ class TrainConfig:
         "A `TrainConfig` from a preset's `pretrain` knobs (others ignored), with `kw` on top."
         return cls(**{**{f.name: knobs[f.name] for f in dataclasses.fields(cls) if f.name in knobs}, **kw})
 
+    def fit_to_data(self, n_tokens:int, num_processes:int=1, log=print) -> "TrainConfig":
+        "This config with `max_steps` (and a warmup longer than a tenth of it) cut so the run reads at most `max_epochs` × `n_tokens` tokens."
+        if not self.max_epochs: return self
+        steps = max(1, math.ceil(self.max_epochs * n_tokens / (self.tokens_per_step * num_processes)))
+        if steps >= self.max_steps: return self
+        if log: log(f"max_steps {self.max_steps} would read the {n_tokens:,}-token training split "
+                    f"{self.max_steps * self.tokens_per_step * num_processes / n_tokens:.1f} times; "
+                    f"cut to {steps} steps ({self.max_epochs:g} epochs, max_epochs)")
+        return dataclasses.replace(self, max_steps=steps, warmup_steps=min(self.warmup_steps, max(1, steps // 10)))
+
 # %% ../nbs/05_pretrain.ipynb #fe727b2a
 def pretrain(model:TransformerLM, train_data:np.ndarray, val_data:np.ndarray, tc:TrainConfig, device="cpu", seed:int=0,
              ckpt_dir=None, resume:bool=False, stop_at:int=None, progress:bool=True) -> dict:
@@ -193,10 +209,11 @@ def pretrain(model:TransformerLM, train_data:np.ndarray, val_data:np.ndarray, tc
     acc = Accelerator(cpu=torch.device(device).type == "cpu")
     raw = model.to(acc.device).train()
     opt = make_optimizer(raw, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), acc.device)
-    gen = torch.Generator().manual_seed(seed + acc.process_index)
+    gen = torch.Generator().manual_seed(seed)  # the same on every process: each takes its shard of a global batch
     step, hist = 0, dict(step=[], loss=[], lr=[], val_step=[], val_loss=[], tokens=0, train_s=0.0)
     if resume and ckpt_dir is not None and (Path(ckpt_dir)/"state.json").exists():
         step, hist = load_checkpoint(ckpt_dir, raw, opt, gen)
+    if acc.num_processes > 1: torch.manual_seed(seed + 1 + acc.process_index)  # dropout: other masks on each process
     model, opt = acc.prepare(torch.compile(raw) if tc.compile else raw, opt)
     amp = train_dtype(tc.dtype, acc.device)
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
@@ -208,7 +225,7 @@ def pretrain(model:TransformerLM, train_data:np.ndarray, val_data:np.ndarray, tc
         for g in opt.param_groups: g["lr"] = lr
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
-            x, y = get_batch(train_data, tc.batch_size, tc.block_size, gen, acc.device)
+            x, y = get_batch(train_data, tc.batch_size, tc.block_size, gen, acc.device, acc.process_index, acc.num_processes)
             with acc.no_sync(model) if micro < tc.grad_accum - 1 else contextlib.nullcontext():
                 with autocast(acc.device, amp): loss = model(x, targets=y)[1] / tc.grad_accum
                 acc.backward(loss)
@@ -221,7 +238,8 @@ def pretrain(model:TransformerLM, train_data:np.ndarray, val_data:np.ndarray, tc
         hist["step"].append(step + 1); hist["loss"].append(loss_sum); hist["lr"].append(lr)
         if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
             hist["val_step"].append(step + 1)
-            hist["val_loss"].append(evaluate(raw, val_data, tc.batch_size, tc.block_size, acc.device, tc.eval_iters, amp))
+            hist["val_loss"].append(evaluate(raw, val_data, tc.batch_size, tc.block_size, acc.device,
+                                             tc.eval_iters * acc.num_processes, amp, acc.process_index, acc.num_processes))
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{hist['tokens'] / hist['train_s']:,.0f}")
         if ckpt_dir is not None and tc.ckpt_interval and (step + 1) % tc.ckpt_interval == 0 and acc.is_main_process:
             save_checkpoint(ckpt_dir, raw, opt, gen, step + 1, hist)
@@ -243,6 +261,54 @@ def resume_is_exact(train_data:np.ndarray, cfg:ModelConfig, tc:TrainConfig, stop
     pretrain(resumed, train_data, train_data, tc, seed=seed, ckpt_dir=ckpt_dir, resume=True, progress=False)
     a, b = straight.state_dict(), resumed.state_dict()
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+# %% ../nbs/05_pretrain.ipynb #b19c2573
+def final_metrics(model:nn.Module, hist:dict, data:dict, bpt:dict, tc:TrainConfig, cfg:ModelConfig, device,
+                  num_processes:int=1) -> dict:
+    "A finished run's numbers: loss, perplexity and bits per byte on the whole validation and test splits and the unigram baseline's, throughput and MFU per device."
+    device = torch.device(device)
+    kw = dict(batch_size=4 * tc.batch_size, block_size=tc.block_size, device=device, dtype=train_dtype(tc.dtype, device))
+    m = {}
+    for split, key in [("validation", "val"), ("test", "test")]:
+        loss, uni = evaluate(model, data[split], **kw), unigram_loss(data["train"], data[split], cfg.vocab_size)
+        m.update({f"{key}_loss": loss, f"{key}_ppl": math.exp(loss), f"{key}_bpb": bits_per_byte(loss, bpt[split]),
+                  f"unigram_{key}_loss": uni, f"unigram_{key}_bpb": bits_per_byte(uni, bpt[split])})
+    tokens_per_s = hist["tokens"] / hist["train_s"]
+    return dict(m, first_train_loss=hist["loss"][0], last_train_loss=hist["loss"][-1], steps=hist["step"][-1],
+                tokens_seen=hist["tokens"], epochs=hist["tokens"] / len(data["train"]), tokens_per_s=tokens_per_s,
+                processes=num_processes, mfu=mfu(tokens_per_s / num_processes, cfg, tc.block_size, peak_flops(device)),
+                mfu_peak="datasheet bf16" if device.type == "cuda" else "measured float32 matmul",
+                train_s=hist["train_s"], params=param_count(cfg), model=dataclasses.asdict(cfg),
+                train=dataclasses.asdict(tc), history={k: hist[k] for k in ("step", "loss", "val_step", "val_loss")})
+
+# %% ../nbs/05_pretrain.ipynb #01fe2b05
+def train_base(preset:str="auto", run_dir=None, device:str="auto", seed:int=0, progress:bool=True, **knobs) -> dict|None:
+    "Stage 05 as a script (no lr sweep, scaling runs or MLM demo), also under `accelerate launch` or `torchrun`: pretrain the run's model, save `base/`; the metrics, on the main process."
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+    model_knobs = {k: knobs.pop(k) for k in list(knobs) if k in PRESETS["tiny"]["model"]}
+    run = start_stage("pretrain", preset, run_dir, device, seed, **knobs)
+    state = PartialState(cpu=run.device.type == "cpu")
+    t_start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(run.path("tokenizer"))
+    meta = load_json(run.path("tokens", "meta.json"))
+    data = {s: load_tokens(run.path("tokens"), s) for s in ("train", "validation", "test")}
+    mcfg = ModelConfig(vocab_size=len(tokenizer), **stage_config("model", run.preset, **model_knobs))
+    tc = TrainConfig.from_knobs(run.cfg, block_size=mcfg.max_seq_len)
+    tc = tc.fit_to_data(len(data["train"]), state.num_processes, log=print if state.is_main_process else None)
+    seed_everything(run.seed)
+    model = TransformerLM(mcfg)
+    hist = pretrain(model, data["train"], data["validation"], tc, run.device, run.seed, progress=progress,
+                    ckpt_dir=run.path("checkpoints", "pretrain"), resume=run["resume"])
+    metrics = None
+    if state.is_main_process:
+        bpt = {s: meta["splits"][s]["bytes_per_token"] for s in meta["splits"]}
+        metrics = final_metrics(model, hist, data, bpt, tc, mcfg, next(model.parameters()).device, state.num_processes)
+        metrics["wall_s"] = time.perf_counter() - t_start
+        save_hf(model, run.path("base"), tokenizer)
+        save_json(run.path("base", "metrics.json"), metrics)  # last: the stage is done
+    state.wait_for_everyone()
+    return metrics
 
 # %% ../nbs/05_pretrain.ipynb #702641ca
 def short_run(cfg:ModelConfig, train_data:np.ndarray, val_data:np.ndarray, tc:TrainConfig, device="cpu", seed:int=0) -> float:

@@ -40,6 +40,18 @@ def test_missing_input_names_the_stage_and_command(tmp_path):
     assert f"llm-lifecycle run --run-dir {tmp_path} --to 01" in r.stderr
 
 
+def test_pretrain_script_checks_parameters_and_inputs(tmp_path):
+    r = cli("pretrain", "--help")
+    assert r.returncode == 0 and "accelerate launch" in r.stdout and "KEY=VALUE" in r.stdout
+    r = cli("pretrain", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "-p", "max_step=5")
+    assert r.returncode == 1 and "unknown parameter 'max_step'" in r.stderr and "max_steps" in r.stderr
+    r = cli("pretrain", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "-p", "d_model=wide")
+    assert r.returncode == 1 and "expects int" in r.stderr
+    assert not (tmp_path/"run").exists()
+    r = cli("pretrain", "--preset", "tiny", "--run-dir", str(tmp_path))
+    assert r.returncode == 1 and "tokenizer.json" in r.stderr and "--to 02" in r.stderr
+
+
 def test_select_stages():
     assert [s.num for s in select_stages("01", "01")] == ["01"]
     assert select_stages("data", "data") == [get_stage("01")]

@@ -62,6 +62,14 @@ def test_get_batch():
     with pytest.raises(ValueError, match="too few"): get_batch(data[:16], 1, 16)
 
 
+def test_get_batch_shards_make_the_global_batch():
+    data = np.arange(5000, dtype=np.uint16)
+    whole, _ = get_batch(data, 12, 8, torch.Generator().manual_seed(3))
+    shards = [get_batch(data, 4, 8, torch.Generator().manual_seed(3), shard=r, num_shards=3)[0] for r in range(3)]
+    assert torch.equal(torch.cat(shards), whole)
+    with pytest.raises(ValueError, match="shard must be"): get_batch(data, 4, 8, shard=3, num_shards=3)
+
+
 def test_eval_batches_cover_in_order():
     data = np.arange(103, dtype=np.uint16)
     batches = list(eval_batches(data, 3, 10))

@@ -26,11 +26,16 @@ def synthetic_tokens(n=20_000, vocab=64, seed=0) -> np.ndarray:
 def test_tiny_run_base_model(tiny_run):
     from transformers import AutoModelForCausalLM
     metrics = load_json(tiny_run/"base"/"metrics.json")
-    assert metrics["val_bpb"] < metrics["unigram_bpb"] - 0.2
+    assert metrics["val_bpb"] < metrics["unigram_val_bpb"] - 0.2
     assert metrics["test_bpb"] < metrics["unigram_test_bpb"] - 0.2
     assert metrics["last_train_loss"] < metrics["first_train_loss"]
     assert metrics["history"]["val_loss"][-1] < metrics["history"]["val_loss"][0]
     assert metrics["steps"] > 0 and metrics["tokens_seen"] > 0
+    assert metrics["tokens_seen"] == metrics["steps"] * metrics["train"]["batch_size"] * metrics["train"]["block_size"] * metrics["train"]["grad_accum"]
+    # two processes (torchrun, gloo) with half the batch each ended where one process with the whole batch did
+    ddp = metrics["ddp_check"]
+    assert ddp["relative_weight_diff"] < 1e-3
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*ddp["val_loss"].values()))
     hf = AutoModelForCausalLM.from_pretrained(tiny_run/"base", dtype=torch.float32)
     assert type(hf).__name__ == "LlamaForCausalLM"
     meta = load_json(tiny_run/"tokens"/"meta.json")
@@ -57,6 +62,17 @@ def test_training_beats_unigram_on_synthetic_tokens():
     hist = pretrain(model, data, data, tc, progress=False)
     assert hist["val_loss"][-1] < 0.7 * unigram_loss(data, data, 64)
     assert hist["tokens"] == 60 * tc.tokens_per_step
+
+
+def test_fit_to_data_caps_epochs():
+    tc = TrainConfig(max_steps=1000, batch_size=4, block_size=16, grad_accum=2, warmup_steps=50, max_epochs=3)
+    cut = tc.fit_to_data(12_800, log=None)  # 3 passes over 12,800 tokens at 128 tokens per step: 300 steps
+    assert (cut.max_steps, cut.warmup_steps) == (300, 30)
+    assert tc.fit_to_data(12_800, num_processes=4, log=None).max_steps == 75
+    assert tc.fit_to_data(10**6, log=None) is tc and TrainConfig(max_steps=10).fit_to_data(1, log=None).max_steps == 10
+    said = []
+    tc.fit_to_data(12_800, log=said.append)
+    assert "cut to 300 steps" in said[0] and "10.0 times" in said[0]
 
 
 def test_lr_schedule_shape():
