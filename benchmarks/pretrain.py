@@ -6,6 +6,7 @@ tokens/s and validation bits per byte, the median over `--repeats` runs, the two
 
     python benchmarks/pretrain.py --run-dir runs/tiny --seconds 60
     python benchmarks/pretrain.py --run-dir runs/gpu --gpu    # GPT-2-small shape, bf16, compiled: tokens/s and MFU
+    python benchmarks/pretrain.py --compile --dtype bfloat16 --seconds 10 --repeats 1   # the GPU path's code, on CPU
 """
 import argparse, json, statistics, time
 from pathlib import Path
@@ -21,14 +22,13 @@ from llm_lifecycle.pretrain import (autocast, bits_per_byte, evaluate, lr_at, ma
 
 def train_for(model, data, seconds:float, batch_size:int, block_size:int, lr:float, device, dtype, seed:int=0,
               warmup_steps:int=3) -> dict:
-    "Train `model` (ours or `transformers`') for `seconds` of wall time; steps, tokens/s (after warmup steps)."
+    "Train `model` (ours or `transformers`') for `warmup_steps` untimed steps (compilation happens there), then for `seconds` of wall time; steps and tokens/s of the timed part."
     opt = make_optimizer(model, lr, 0.1, (0.9, 0.95), device)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    step, t_start, t_warm = 0, time.perf_counter(), None
-    while time.perf_counter() - t_start < seconds:
-        if step == warmup_steps: t_warm = time.perf_counter()
-        for g in opt.param_groups: g["lr"] = lr_at(step, lr, lr / 10, 10, 10_000)
+
+    def step(i:int):
+        for g in opt.param_groups: g["lr"] = lr_at(i, lr, lr / 10, 10, 10_000)
         x, y = get_batch(data, batch_size, block_size, gen, device)
         with autocast(device, dtype):
             out = model(x)
@@ -37,10 +37,12 @@ def train_for(model, data, seconds:float, batch_size:int, block_size:int, lr:flo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); opt.zero_grad(set_to_none=True)
         loss.item()  # waits for the device
-        step += 1
-    elapsed = time.perf_counter() - (t_warm or t_start)
-    timed_steps = step - (warmup_steps if t_warm else 0)
-    return dict(steps=step, tokens_per_s=timed_steps * batch_size * block_size / elapsed)
+
+    for i in range(warmup_steps): step(i)
+    n, t0 = warmup_steps, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step(n); n += 1
+    return dict(steps=n, tokens_per_s=(n - warmup_steps) * batch_size * block_size / (time.perf_counter() - t0))
 
 
 def one_run(cfg:ModelConfig, kind:str, args, train, val, bpt:float, device, dtype, seed:int) -> dict:
@@ -64,14 +66,19 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--eval-iters", type=int, default=16, help="validation batches for the bits per byte")
-    ap.add_argument("--gpu", action="store_true", help="GPT-2-small shape (the gpu preset's model), bf16, compiled, on CUDA")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    ap.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the H100 measurement: --preset gpu (GPT-2-small shape) --compile --dtype bfloat16 on CUDA, "
+                         "batch of at least 16, lr at most 1e-3")
     args = ap.parse_args()
     if args.gpu:
         if not torch.cuda.is_available(): raise SystemExit("--gpu needs a CUDA device")
-        args.preset, args.compile, args.batch_size, args.lr = "gpu", True, max(args.batch_size, 16), min(args.lr, 1e-3)
-    else: args.compile = False
-    device = torch.device("cuda" if args.gpu else "cpu")
-    dtype = torch.bfloat16 if args.gpu else torch.float32
+        args.preset, args.compile, args.dtype = "gpu", True, "bfloat16"
+        args.batch_size, args.lr = max(args.batch_size, 16), min(args.lr, 1e-3)
+    device = torch.device(args.device or ("cuda" if args.gpu else "cpu"))
+    dtype = getattr(torch, args.dtype)
 
     tokens = Path(args.run_dir)/"tokens"
     if not (tokens/"meta.json").exists(): raise SystemExit(f"{tokens} has no encoded corpus; run stages 01-03 first")
@@ -86,10 +93,10 @@ def main():
     med = lambda kind, k: statistics.median(r[k] for r in runs[kind])
     peak = peak_flops(device)
     result = {
-        "device": torch.cuda.get_device_name() if args.gpu else "cpu", "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(),
         "preset": args.preset, "params": param_count(cfg), "seconds": args.seconds, "repeats": args.repeats,
         "batch_size": args.batch_size, "block_size": cfg.max_seq_len, "dtype": str(dtype), "compiled": args.compile,
-        "peak_flops": peak, "peak_flops_source": "datasheet bf16" if args.gpu else "measured float32 matmul",
+        "peak_flops": peak, "peak_flops_source": "datasheet bf16" if device.type == "cuda" else "measured float32 matmul",
         **{kind: {"tokens_per_s": med(kind, "tokens_per_s"), "val_bpb": med(kind, "val_bpb"),
                   "steps": med(kind, "steps"), "mfu": mfu(med(kind, "tokens_per_s"), cfg, cfg.max_seq_len, peak),
                   "runs": runs[kind]} for kind in runs},

@@ -9,7 +9,7 @@ __all__ = ['COMMON_PARAMS', 'notebooks_dir', 'notebook_path', 'present_stages', 
            'knob_types', 'check_params', 'StageFailed', 'cell_error', 'run_lifecycle', 'stages_table', 'main']
 
 # %% ../nbs/00a_cli.ipynb #5e4d0f87
-import argparse, ast, re, sys, time
+import argparse, ast, os, re, sys, time
 from pathlib import Path
 
 from .core import (PRESETS, STAGES, MissingInputError, Stage, get_stage, project_root, require_inputs,
@@ -96,6 +96,12 @@ def cell_error(err, notebook:Path, max_lines:int=12) -> str:
             f"  executed notebook: {notebook}")
 
 # %% ../nbs/00a_cli.ipynb #65b62ddd
+def _kernel_transport() -> dict:
+    "Where Unix sockets exist, talk to the kernel over them (IPC): local only, and no plain-TCP warning from ipykernel."
+    if os.name != "posix": return {}
+    from traitlets.config import Config
+    return {"config": Config({"KernelManager": {"transport": "ipc"}})}
+
 def run_lifecycle(preset:str="auto", run_dir=None, start=None, stop=None, params:dict|None=None, device:str="auto",
                   seed:int=0, progress:bool=True, log=print) -> Path:
     "Execute the selected stage notebooks in order into `run_dir/notebooks/`; raise `StageFailed` at the first failure."
@@ -119,7 +125,8 @@ def run_lifecycle(preset:str="auto", run_dir=None, start=None, stop=None, params
         try:
             pm.execute_notebook(str(notebook_path(s)), str(out), kernel_name="python3", progress_bar=progress,
                                 cwd=str(notebooks_dir()), parameters=dict(preset=preset, run_dir=str(run_dir),
-                                                                         device=device, seed=seed, **mine))
+                                                                         device=device, seed=seed, **mine),
+                                **_kernel_transport())
         except PapermillExecutionError as e:
             raise StageFailed(f"stage {s.notebook} failed: {cell_error(e, out)}") from None
         log(f"      done in {time.perf_counter() - t0:.0f} s -> {out}")

@@ -217,7 +217,9 @@ def collect(sources=("pydoc", "docstrings", "metadata", "licence_files"), path=N
     if hf_dataset: docs.extend(hub_docs(hf_dataset, max_docs))
     if not docs: raise ValueError("no documents: give built-in sources, a folder (path) or a hub dataset (hf_dataset)")
     if max_docs is not None and len(docs) > max_docs:
-        keep = set(sorted(range(len(docs)), key=lambda i: stable_hash(docs[i]["id"]))[:max_docs])
+        # salted: the split (assign_split) hashes the bare id, and a sample by that same hash would keep only the
+        # smallest hashes, the ones the split sends to test and validation
+        keep = set(sorted(range(len(docs)), key=lambda i: stable_hash("sample:" + docs[i]["id"]))[:max_docs])
         docs = [d for i, d in enumerate(docs) if i in keep]
     return docs
 

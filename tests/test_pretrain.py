@@ -127,3 +127,18 @@ def test_mlm_mask_proportions():
     assert abs(chosen.float().mean().item() - 0.15) < 0.01
     assert abs((inputs[chosen] == 2).float().mean().item() - 0.8) < 0.02
     assert torch.equal(inputs[~chosen], ids[~chosen]) and torch.equal(labels[chosen], ids[chosen])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pretrain_bf16_compiled():
+    "The GPU path of the loop: bf16 autocast, torch.compile, fused AdamW, pinned batches; it must learn as on CPU."
+    from llm_lifecycle.pretrain import pretrain
+    data = synthetic_tokens()
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(**{**MICRO.__dict__, "dropout": 0.0}))
+    tc = TrainConfig(max_steps=60, batch_size=8, block_size=16, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=30,
+                     eval_iters=4, dtype="auto", compile=True)
+    hist = pretrain(model, data, data, tc, device="cuda", progress=False)
+    assert next(model.parameters()).device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    assert hist["val_loss"][-1] < 0.7 * unigram_loss(data, data, 64)
