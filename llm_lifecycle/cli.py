@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     try:
         params = dict(parse_param(p) for p in args.param)
         if args.command == "pretrain":
-            from .pretrain import train_base
+            from llm_lifecycle.pretrain import train_base
             stage = get_stage("pretrain")
             if notebook_path(stage).exists(): check_params([stage], params)
             metrics = train_base(preset, args.run_dir, args.device, args.seed, progress=not args.no_progress, **params)

@@ -7,16 +7,16 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/data.html.md"""
 # %% auto #0
 __all__ = ['PSF', 'LICENCE_FILE_PREFIXES', 'TEXT_SUFFIXES', 'RECORD_SUFFIXES', 'BUILTIN_SOURCES', 'PERMISSIVE', 'STOPWORDS',
            'PII_PATTERNS', 'NOT_PERSONAL_IPS', 'MERSENNE_PRIME', 'MAX_HASH', 'doc', 'pydoc_docs', 'module_docstrings',
-           'docstring_docs', 'dist_licence', 'description_format', 'metadata_docs', 'licence_file_docs',
-           'site_licences', 'site_docstring_docs', 'read_text_file', 'spdx_from_licence_text', 'folder_docs',
-           'hub_docs', 'stable_hash', 'collect', 'normalize_text', 'strip_html', 'strip_markdown', 'strip_rst',
-           'strip_markup', 'is_permissive', 'quality_signals', 'quality_failures', 'redact_pii', 'exact_key',
-           'first_occurrences', 'shingles', 'jaccard_similarity', 'sha1_hash32', 'minhash_permutations',
+           'file_docstrings', 'docstring_docs', 'dist_licence', 'description_format', 'metadata_docs',
+           'licence_file_docs', 'site_licences', 'site_docstring_docs', 'read_text_file', 'spdx_from_licence_text',
+           'folder_docs', 'hub_docs', 'stable_hash', 'collect', 'normalize_text', 'strip_html', 'strip_markdown',
+           'strip_rst', 'strip_markup', 'is_permissive', 'quality_signals', 'quality_failures', 'redact_pii',
+           'exact_key', 'first_occurrences', 'shingles', 'jaccard_similarity', 'sha1_hash32', 'minhash_permutations',
            'minhash_naive', 'minhash', 'lsh_probability', 'lsh_candidates', 'near_duplicate_pairs', 'cluster_roots',
            'perturb', 'dedup_eval', 'Funnel', 'clean_corpus', 'assign_split', 'split_corpus']
 
 # %% ../nbs/01_data.ipynb #0e3a1a35
-import ast, hashlib, json, re, struct, sysconfig, unicodedata
+import ast, hashlib, inspect, json, multiprocessing, re, struct, sysconfig, unicodedata
 import importlib.metadata
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -58,16 +58,25 @@ def module_docstrings(source:str) -> str|None:
     return text or None
 
 # %% ../nbs/01_data.ipynb #d35b1a11
-def docstring_docs(root=None, source:str="docstrings", licence_of=None):
-    "One document per `.py` module under `root` (the standard library by default) that has docstrings."
+def file_docstrings(path) -> str|None:
+    "`module_docstrings` of the file at `path`."
+    return module_docstrings(Path(path).read_bytes())
+
+def docstring_docs(root=None, source:str="docstrings", licence_of=None, num_proc:int=1):
+    "One document per `.py` module under `root` (the standard library by default) that has docstrings; `num_proc` processes parse."
     root = Path(root or sysconfig.get_paths()["stdlib"])
+    todo = []  # (path, relative path, licence) of the modules to parse
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root)
         if "site-packages" in rel.parts or "dist-packages" in rel.parts: continue
-        text = module_docstrings(p.read_bytes())
-        if not text: continue
         licence = licence_of(rel) if licence_of else PSF
-        if licence: yield doc(f"{source}/{rel.as_posix()}", text, source, licence, "rst")
+        if licence: todo.append((p, rel, licence))
+    paths = [str(p) for p, _, _ in todo]
+    if num_proc > 1:
+        with multiprocessing.Pool(num_proc) as pool: texts = pool.map(file_docstrings, paths, chunksize=32)
+    else: texts = map(file_docstrings, paths)
+    for (p, rel, licence), text in zip(todo, texts):
+        if text: yield doc(f"{source}/{rel.as_posix()}", text, source, licence, "rst")
 
 # %% ../nbs/01_data.ipynb #051ae564
 def dist_licence(meta) -> str:
@@ -118,10 +127,11 @@ def site_licences() -> dict:
             out.setdefault(top.removesuffix(".py"), lic)
     return out
 
-def site_docstring_docs():
+def site_docstring_docs(num_proc:int=1):
     "One document per module with docstrings in site-packages, under its distribution's licence."
     lic = site_licences()
-    yield from docstring_docs(sysconfig.get_paths()["purelib"], "site_docstrings", lambda rel: lic.get(rel.parts[0].removesuffix(".py")))
+    yield from docstring_docs(sysconfig.get_paths()["purelib"], "site_docstrings",
+                              lambda rel: lic.get(rel.parts[0].removesuffix(".py")), num_proc)
 
 # %% ../nbs/01_data.ipynb #9f9e3a08
 TEXT_SUFFIXES = {".txt": "text", ".md": "markdown", ".rst": "rst", ".html": "html", ".htm": "html"}
@@ -207,12 +217,15 @@ def stable_hash(s:str) -> int:
     "A 64-bit hash of `s` that is the same in every process (unlike `hash`)."
     return int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little")
 
-def collect(sources=("pydoc", "docstrings", "metadata", "licence_files"), path=None, hf_dataset=None, max_docs=None) -> list:
-    "Raw documents from the built-in `sources`, a local folder `path` and a hub dataset, sampled to `max_docs`."
+def collect(sources=("pydoc", "docstrings", "metadata", "licence_files"), path=None, hf_dataset=None, max_docs=None,
+            num_proc:int=1) -> list:
+    "Raw documents from the built-in `sources`, a local folder `path` and a hub dataset, sampled to `max_docs`; `num_proc` processes parse source files."
     unknown = set(sources or ()) - set(BUILTIN_SOURCES)
     if unknown: raise ValueError(f"unknown source(s) {sorted(unknown)}; built-in sources are {list(BUILTIN_SOURCES)}")
     docs = []
-    for s in tqdm(sources or (), desc="collect"): docs.extend(BUILTIN_SOURCES[s]())
+    for s in tqdm(sources or (), desc="collect"):
+        fn = BUILTIN_SOURCES[s]
+        docs.extend(fn(num_proc=num_proc) if "num_proc" in inspect.signature(fn).parameters else fn())
     if path: docs.extend(folder_docs(path))
     if hf_dataset: docs.extend(hub_docs(hf_dataset, max_docs))
     if not docs: raise ValueError("no documents: give built-in sources, a folder (path) or a hub dataset (hf_dataset)")

@@ -130,3 +130,13 @@ def test_sample_is_independent_of_the_split(tmp_path):
     assert len(docs) == 40
     counts = Counter(assign_split(d["id"]) for d in docs)
     assert counts["train"] >= 28, counts  # sampled by the split's own hash, all 40 would be test or validation
+
+
+def test_docstrings_parsed_in_parallel_are_the_same():
+    import sysconfig
+    from pathlib import Path
+    from llm_lifecycle.data import docstring_docs
+    root = Path(sysconfig.get_paths()["stdlib"])/"email"
+    serial = list(docstring_docs(root))
+    assert len(serial) > 10 and all(d["id"].startswith("docstrings/") and d["licence"] for d in serial)
+    assert list(docstring_docs(root, num_proc=2)) == serial
