@@ -243,6 +243,7 @@ def pretrain(model:TransformerLM, train_data:np.ndarray, val_data:np.ndarray, tc
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{hist['tokens'] / hist['train_s']:,.0f}")
         if ckpt_dir is not None and tc.ckpt_interval and (step + 1) % tc.ckpt_interval == 0 and acc.is_main_process:
             save_checkpoint(ckpt_dir, raw, opt, gen, step + 1, hist)
+    acc.wait_for_everyone()  # every process returns once the main one has written its last checkpoint
     return hist
 
 # %% ../nbs/05_pretrain.ipynb #4e608bdd

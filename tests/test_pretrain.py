@@ -52,6 +52,32 @@ def test_resume_is_bit_exact(tmp_path):
     assert load_json(tmp_path/"ckpt"/"state.json")["step"] == 3
 
 
+DDP_RESUME = """
+import sys
+import numpy as np, torch
+from llm_lifecycle.model import ModelConfig
+from llm_lifecycle.pretrain import TrainConfig, resume_is_exact
+rng = np.random.default_rng(0)
+data = np.empty(20_000, dtype=np.uint16); data[0] = 0
+for i in range(1, len(data)): data[i] = (data[i - 1] * 7 + 3) % 64 if rng.random() < 0.8 else rng.integers(64)
+cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, max_seq_len=16)
+tc = TrainConfig(max_steps=8, batch_size=4, block_size=16, grad_accum=2, warmup_steps=2, eval_interval=3, eval_iters=2)
+exact = resume_is_exact(data, cfg, tc, stop_at=3, ckpt_dir=sys.argv[1])
+print(f"rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()}: exact={exact}")
+"""
+
+
+def test_resume_is_bit_exact_on_two_processes(tmp_path):
+    "Data-parallel on 2 CPU processes (torchrun, gloo): stopped, checkpointed and resumed equals straight, on each rank."
+    import os, subprocess, sys
+    (tmp_path/"resume.py").write_text(DDP_RESUME)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path/"resume.py"), str(tmp_path/"ckpt")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0 of 2: exact=True" in r.stdout and "rank 1 of 2: exact=True" in r.stdout, r.stdout
+
+
 def test_training_beats_unigram_on_synthetic_tokens():
     from llm_lifecycle.pretrain import pretrain
     data = synthetic_tokens()
