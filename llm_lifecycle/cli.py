@@ -143,30 +143,26 @@ def _parser() -> argparse.ArgumentParser:
                "  llm-lifecycle stages --run-dir runs/tiny     what exists and what is done\n"
                "  accelerate launch --multi_gpu --num_processes 8 --no_python llm-lifecycle pretrain --preset gpu")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="execute the stage notebooks in order with papermill",
+    common = argparse.ArgumentParser(add_help=False)  # what `run` and `pretrain` both take
+    common.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                        help="tiny: CI-sized, minutes on CPU; cpu: a laptop, under an hour; gpu: one H100. "
+                             "auto (default): $LLM_LIFECYCLE_PRESET, else gpu if CUDA is available, else cpu")
+    common.add_argument("--run-dir", help="where artifacts go (default: runs/<preset>)")
+    common.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a notebook parameter (repeatable), e.g. -p max_docs=500")
+    common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps; "
+                                                          "under a launcher each process takes its own GPU")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = sub.add_parser("run", parents=[common], help="execute the stage notebooks in order with papermill",
                        description="Execute the stage notebooks in order into RUN_DIR/notebooks/.")
-    r.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                   help="tiny: CI-sized, minutes on CPU; cpu: a laptop, under an hour; gpu: one H100. "
-                        "auto (default): $LLM_LIFECYCLE_PRESET, else gpu if CUDA is available, else cpu")
-    r.add_argument("--run-dir", help="where artifacts go (default: runs/<preset>)")
     r.add_argument("--from", dest="start", metavar="STAGE", help="first stage to run: number (02) or name (tokenizer)")
     r.add_argument("--to", dest="stop", metavar="STAGE", help="last stage to run, inclusive")
-    r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a notebook parameter (repeatable), e.g. -p max_docs=500")
-    r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
-    t = sub.add_parser("pretrain", help="stage 05 as a script, for accelerate launch or torchrun on several GPUs",
-                       description="Pretrain the run's model and save RUN_DIR/base/, as stage 05 does but without its "
-                                   "experiments (lr sweep, scaling runs, masked-LM demo). Data-parallel on N GPUs: "
-                                   "accelerate launch --multi_gpu --num_processes N --no_python llm-lifecycle pretrain ...")
-    t.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="as for run")
-    t.add_argument("--run-dir", help="run directory with tokenizer/ and tokens/ (stages 02 and 03)")
-    t.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a knob of stage 05 or of the model (repeatable), e.g. -p max_steps=100")
-    t.add_argument("--device", default="auto", help="as for run; under a launcher each process takes its own GPU")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("pretrain", parents=[common], help="stage 05 as a script, for accelerate launch or torchrun on several GPUs",
+                   description="Pretrain the run's model and save RUN_DIR/base/, as stage 05 does but without its "
+                               "experiments (lr sweep, scaling runs, masked-LM demo); -p takes stage 05's knobs and "
+                               "the model's. Data-parallel on N GPUs: "
+                               "accelerate launch --multi_gpu --num_processes N --no_python llm-lifecycle pretrain ...")
     s = sub.add_parser("stages", help="list the stages and which are done in a run directory")
     s.add_argument("--run-dir", help="run directory to inspect (default: runs/<preset>)")
     s.add_argument("--preset", default="auto", choices=["auto", *PRESETS])

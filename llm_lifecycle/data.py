@@ -75,7 +75,7 @@ def docstring_docs(root=None, source:str="docstrings", licence_of=None, num_proc
     if num_proc > 1:
         with multiprocessing.Pool(num_proc) as pool: texts = pool.map(file_docstrings, paths, chunksize=32)
     else: texts = map(file_docstrings, paths)
-    for (p, rel, licence), text in zip(todo, texts):
+    for (_, rel, licence), text in zip(todo, texts):
         if text: yield doc(f"{source}/{rel.as_posix()}", text, source, licence, "rst")
 
 # %% ../nbs/01_data.ipynb #051ae564

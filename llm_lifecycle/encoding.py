@@ -92,12 +92,14 @@ def get_batch(data:np.ndarray, batch_size:int, block_size:int, generator:torch.G
     return to_device(x, device), to_device(y, device)
 
 # %% ../nbs/03_encoding.ipynb #def16961
-def eval_batches(data:np.ndarray, batch_size:int, block_size:int, device="cpu", max_batches:int=None):
-    "Yield `(x, y)` batches of consecutive non-overlapping windows covering `data`; the last batch may be smaller."
+def eval_batches(data:np.ndarray, batch_size:int, block_size:int, device="cpu", max_batches:int=None,
+                 shard:int=0, num_shards:int=1):
+    "Yield `(x, y)` batches of consecutive non-overlapping windows covering `data`; the last batch may be smaller. With `num_shards`, only every `num_shards`-th batch from `shard` on."
     n = (len(data) - 1) // block_size
     if n == 0: raise ValueError(f"{len(data)} tokens are too few for a window of block_size={block_size} (+1)")
     for b, i in enumerate(range(0, n, batch_size)):
         if max_batches is not None and b >= max_batches: return
+        if b % num_shards != shard: continue
         starts = range(i * block_size, min(i + batch_size, n) * block_size, block_size)
         x = np.stack([data[s:s + block_size] for s in starts]).astype(np.int64)
         y = np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64)
