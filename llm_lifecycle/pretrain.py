@@ -24,19 +24,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
-from .core import PRESETS, atomic_dir, load_json, save_json, seed_everything, stage_config, start_stage
+from .core import (PRESETS, StageRun, atomic_dir, load_json, save_json, save_metrics, seed_everything,
+                                stage_config, start_stage)
 from .encoding import eval_batches, get_batch, load_tokens
 from .model import ModelConfig, TransformerLM, flops_per_token, param_count, save_hf
 
 # %% ../nbs/05_pretrain.ipynb #f7d419ce
-def pretrain_inputs(run, **model_knobs) -> tuple:
-    "What stage 05 reads for `run`: the tokenizer (stage 02), the token splits and their bytes per token (stage 03), and the model config (the preset's, `model_knobs` on top)."
+def pretrain_inputs(run:StageRun) -> tuple:
+    "What stage 05 reads for `run`: the tokenizer (stage 02), the token splits and their bytes per token (stage 03), and the model config (the run's model knobs)."
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(run.path("tokenizer"))
     meta = load_json(run.path("tokens", "meta.json"))
     data = {s: load_tokens(run.path("tokens"), s) for s in ("train", "validation", "test")}
     bpt = {s: meta["splits"][s]["bytes_per_token"] for s in meta["splits"]}
-    return tokenizer, data, bpt, ModelConfig(vocab_size=len(tokenizer), **stage_config("model", run.preset, **model_knobs))
+    model_knobs = {k: run[k] for k in PRESETS["tiny"]["model"]}
+    return tokenizer, data, bpt, ModelConfig(vocab_size=len(tokenizer), **model_knobs)
 
 # %% ../nbs/05_pretrain.ipynb #ba2bd6f0
 def next_token_loss(logits:torch.Tensor, targets:torch.Tensor, reduction:str="mean") -> torch.Tensor:
@@ -292,14 +294,11 @@ def final_metrics(model:nn.Module, hist:dict, data:dict, bpt:dict, tc:TrainConfi
                 train=dataclasses.asdict(tc), history={k: hist[k] for k in ("step", "loss", "val_step", "val_loss")})
 
 # %% ../nbs/05_pretrain.ipynb #01fe2b05
-def train_base(preset:str="auto", run_dir=None, device:str="auto", seed:int=0, progress:bool=True, **knobs) -> dict|None:
+def train_base(run:StageRun, progress:bool=True) -> dict|None:
     "Stage 05 as a script (no lr sweep, scaling runs or MLM demo), also under `accelerate launch` or `torchrun`: pretrain the run's model, save `base/`; the metrics, on the main process."
     from accelerate import PartialState
-    model_knobs = {k: knobs.pop(k) for k in list(knobs) if k in PRESETS["tiny"]["model"]}
-    run = start_stage("pretrain", preset, run_dir, device, seed, **knobs)
     state = PartialState(cpu=run.device.type == "cpu")
-    t_start = time.perf_counter()
-    tokenizer, data, bpt, mcfg = pretrain_inputs(run, **model_knobs)
+    tokenizer, data, bpt, mcfg = pretrain_inputs(run)
     tc = TrainConfig.from_knobs(run.cfg, block_size=mcfg.max_seq_len)
     tc = tc.fit_to_data(len(data["train"]), state.num_processes, log=print if state.is_main_process else None)
     seed_everything(run.seed)
@@ -309,9 +308,8 @@ def train_base(preset:str="auto", run_dir=None, device:str="auto", seed:int=0, p
     metrics = None
     if state.is_main_process:
         metrics = final_metrics(model, hist, data, bpt, tc, mcfg, next(model.parameters()).device, state.num_processes)
-        metrics["wall_s"] = time.perf_counter() - t_start
         save_hf(model, run.path("base"), tokenizer)
-        save_json(run.path("base", "metrics.json"), metrics)  # last: the stage is done
+        metrics = save_metrics(run, metrics)  # last: the stage is done
     state.wait_for_everyone()
     return metrics
 
