@@ -9,7 +9,7 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/tokenizer.html.md"""
 __all__ = ['GPT4_PATTERN', 'SPECIAL_TOKENS', 'CHAT_TOKENS', 'CHAT_TEMPLATE', 'pretokenize', 'split_special', 'word_counts',
            'merge_pair', 'train_bpe_naive', 'merges_vocab', 'train_bpe', 'BPETokenizer', 'save_bpe', 'load_bpe',
            'sample_texts', 'train_hf_bpe', 'bytes_to_unicode', 'hf_token_bytes', 'tokenizer_report',
-           'train_sentencepiece', 'wrap_tokenizer']
+           'train_sentencepiece', 'wrap_tokenizer', 'save_tokenizer']
 
 # %% ../nbs/02_tokenizer.ipynb #d760f4dd
 import heapq, io, random, time
@@ -22,7 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from .core import load_json, save_json
+from .core import StageRun, atomic_dir, load_json, save_json, save_metrics
 
 # %% ../nbs/02_tokenizer.ipynb #0cb3bf6b
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -71,7 +71,7 @@ def _training_words(texts, vocab_size:int, special_tokens, pattern:str):
     if not wc: raise ValueError("no training text: the texts given are empty (or hold only special tokens)")
     return [list(w) for w in wc], list(wc.values())
 
-def train_bpe_naive(texts, vocab_size:int, special_tokens=(), min_frequency:int=1, pattern:str=GPT4_PATTERN) -> list:
+def train_bpe_naive(texts, vocab_size:int, special_tokens=(), min_frequency:int=2, pattern:str=GPT4_PATTERN) -> list:
     "Learn byte-level BPE merges the obvious way: recount every pair of the corpus after each merge."
     words, counts = _training_words(texts, vocab_size, special_tokens, pattern)
     merges = []
@@ -106,7 +106,7 @@ def _pop_best(heap:list, stats:dict):
         if count > 0: heapq.heappush(heap, (-count, pair))
     return None
 
-def train_bpe(texts, vocab_size:int, special_tokens=(), min_frequency:int=1, pattern:str=GPT4_PATTERN,
+def train_bpe(texts, vocab_size:int, special_tokens=(), min_frequency:int=2, pattern:str=GPT4_PATTERN,
               progress:bool=False) -> list:
     "Learn the same merges as `train_bpe_naive`, updating pair counts only in the words that contain the merged pair."
     words, counts = _training_words(texts, vocab_size, special_tokens, pattern)
@@ -237,7 +237,7 @@ def hf_token_bytes(tok:Tokenizer) -> set:
     return {bytes(inverse[c] for c in t) for t in tok.get_vocab() if all(c in inverse for c in t)}
 
 # %% ../nbs/02_tokenizer.ipynb #8b25d190
-def tokenizer_report(encode, decode, texts, train_s:float=None, vocab_size:int=None) -> dict:
+def tokenizer_report(encode, decode, texts, vocab_size:int, train_s:float=None) -> dict:
     "Bytes per token, encoding speed (MB/s) and exact round trip of `encode`/`decode` (str -> ids -> str) on `texts`."
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     t0 = time.perf_counter()
@@ -285,3 +285,14 @@ def wrap_tokenizer(tok:Tokenizer) -> PreTrainedTokenizerFast:
     if missing: raise ValueError(f"the tokenizer has no token {', '.join(missing)}; train it with these special tokens")
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, extra_special_tokens=CHAT_TOKENS,
                                    chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+
+# %% ../nbs/02_tokenizer.ipynb #950be22e
+def save_tokenizer(run:StageRun,  # the tokenizer stage's run, from `start_stage`
+                   tokenizer:PreTrainedTokenizerFast,  # the tokenizer to save, as `wrap_tokenizer` makes it
+                   results:dict,  # headline numbers for `metrics.json`; `vocab_size` is added from `tokenizer`
+                   stats:dict) -> dict:  # details for `tokenizer/stats.json`
+    "Write `tokenizer/` (the Hugging Face files and `stats.json`) atomically, then its `metrics.json`; return the metrics."
+    with atomic_dir(run.path("tokenizer")) as d:
+        tokenizer.save_pretrained(d)
+        save_json(d/"stats.json", stats)
+    return save_metrics(run, {"vocab_size": len(tokenizer), **results})

@@ -36,20 +36,56 @@ def test_wrong_type_is_an_error(tmp_path):
 def test_missing_input_names_the_stage_and_command(tmp_path):
     r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path), "--from", "02", "--to", "02")
     assert r.returncode == 1
-    assert "data/stats.json" in r.stderr and "01_data" in r.stderr
+    assert "data/metrics.json" in r.stderr and "01_data" in r.stderr
     assert f"llm-lifecycle run --run-dir {tmp_path} --to 01" in r.stderr
 
 
-def test_pretrain_script_checks_parameters_and_inputs(tmp_path):
-    r = cli("pretrain", "--help")
-    assert r.returncode == 0 and "accelerate launch" in r.stdout and "KEY=VALUE" in r.stdout
-    r = cli("pretrain", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "-p", "max_step=5")
+def test_stage_script_checks_parameters_and_inputs(tmp_path):
+    r = cli("stage", "--help")
+    assert r.returncode == 0 and "accelerate launch" in r.stdout and "KEY=VALUE" in r.stdout and "pretrain" in r.stdout
+    r = cli("stage", "pretrain", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "-p", "max_step=5")
     assert r.returncode == 1 and "unknown parameter 'max_step'" in r.stderr and "max_steps" in r.stderr
-    r = cli("pretrain", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "-p", "d_model=wide")
+    r = cli("stage", "pretrain", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "-p", "d_model=wide")
     assert r.returncode == 1 and "expects int" in r.stderr
     assert not (tmp_path/"run").exists()
-    r = cli("pretrain", "--preset", "tiny", "--run-dir", str(tmp_path))
-    assert r.returncode == 1 and "tokenizer.json" in r.stderr and "--to 02" in r.stderr
+    r = cli("stage", "pretrain", "--preset", "tiny", "--run-dir", str(tmp_path))
+    assert r.returncode == 1 and "tokenizer/metrics.json" in r.stderr and "--to 02" in r.stderr
+    r = cli("stage", "generation", "--preset", "tiny", "--run-dir", str(tmp_path))
+    assert r.returncode == 1 and "no script form" in r.stderr and "--from 06 --to 06" in r.stderr
+
+
+def test_a_bare_knob_of_several_stages_is_an_error(tmp_path):
+    "`num_proc` is a knob of 01 and of 03: a bare one is refused before anything runs, with the qualified names."
+    r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "--to", "03", "-p", "num_proc=2")
+    assert r.returncode == 1 and "-p data.num_proc=2, -p encoding.num_proc=2" in r.stderr
+    assert not (tmp_path/"run").exists()
+    r = cli("run", "--preset", "tiny", "--run-dir", str(tmp_path/"run"), "--to", "01", "-p", "pretrain.max_steps=60")
+    assert r.returncode == 1 and "no selected stage (01_data) takes pretrain's knobs" in r.stderr
+
+
+def test_a_qualified_knob_reaches_its_stage_alone(tiny_run, tmp_path):
+    "`-p pretrain.max_steps=N` changes stage 05 (run here in its script form, on the tiny run's tokens) and nothing else."
+    for part in ("tokenizer", "tokens"): (tmp_path/part).symlink_to(tiny_run/part, target_is_directory=True)
+    small = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "max_seq_len": 32, "eval_iters": 1,
+             "ckpt_interval": 0}
+    r = cli("stage", "pretrain", "--preset", "tiny", "--run-dir", str(tmp_path), "--no-progress",
+            "-p", "pretrain.max_steps=3", "-p", "05.warmup_steps=1", *(f"-p{k}={v}" for k, v in small.items()))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path/"base/metrics.json").read_text())
+    assert m["stage"] == "pretrain" and m["preset"] == "tiny"
+    assert m["results"]["steps"] == 3 and m["knobs"]["max_steps"] == 3 and m["knobs"]["d_model"] == 32
+    assert m["knobs"]["lr"] == 1e-2  # untouched knobs keep the preset's values
+    assert json.loads((tmp_path/"run.json").read_text())["stages"]["pretrain"]["params"]["max_steps"] == 3
+
+
+def test_knobs_lists_values_and_meanings():
+    r = cli("knobs", "pretrain")
+    assert r.returncode == 0
+    line = next(l for l in r.stdout.splitlines() if l.split()[:1] == ["max_steps"])
+    assert line.split()[1:4] == ["500", "600", "1000"] and "steps" in line.lower()
+    assert "04_model" in r.stdout  # stage 05 takes the model's knobs too
+    r = cli("knobs")
+    assert r.returncode == 0 and all(f"{s.notebook}:" in r.stdout for s in select_stages())
 
 
 def test_select_stages():
@@ -79,7 +115,7 @@ def test_run_to_01_with_parameters(tmp_path):
     r = cli("stages", "--run-dir", str(tmp_path))
     assert r.returncode == 0
     line = next(l for l in r.stdout.splitlines() if l.startswith("01_data"))
-    assert line.split()[1] == "yes"
+    assert line.split()[1] == "yes" and float(line.split()[2]) > 0  # done, and in how many seconds
 
 
 def test_failing_stage_prints_the_cell_error(tmp_path):
