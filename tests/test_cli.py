@@ -1,11 +1,11 @@
 "The `llm-lifecycle` command: parameter validation, missing inputs, stage selection, the stages listing."
-import json, shutil, subprocess
+import json, os, shutil, subprocess, sys
 
 import nbformat
 import pytest
 
 from llm_lifecycle.cli import main, select_stages
-from llm_lifecycle.core import get_stage
+from llm_lifecycle.core import get_stage, load_json, project_root
 
 CLI = shutil.which("llm-lifecycle")
 
@@ -129,3 +129,23 @@ def test_failing_stage_prints_the_cell_error(tmp_path):
 
 def test_main_returns_nonzero_on_bad_param():
     assert main(["run", "--preset", "tiny", "--to", "01", "-p", "notakeyvalue"]) == 1
+
+
+def test_a_notebook_with_its_defaults_continues_the_latest_run(tiny_run):
+    "As *Run All* in JupyterLab after the quick start: 06_generation with no parameters reads the latest run under runs/."
+    copy = project_root()/"runs"/f"test-auto-{os.getpid()}"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("notebooks", "checkpoints", "generation"))
+    try:
+        os.utime(copy/"run.json")  # the most recently used run
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_LIFECYCLE_")}
+        out = copy/"06_generation.ipynb"
+        r = subprocess.run([sys.executable, "-m", "papermill", str(project_root()/"nbs/06_generation.ipynb"), str(out),
+                            "--cwd", str(project_root()/"nbs"), "--no-progress-bar"], env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        first = nbformat.read(out, as_version=4).cells
+        text = "".join(o.get("text", "") for c in first if c.cell_type == "code" for o in c.get("outputs", []))
+        assert f"preset auto: continuing {copy}" in text and "preset tiny" in text
+        assert load_json(copy/"generation/metrics.json")["preset"] == "tiny"
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
