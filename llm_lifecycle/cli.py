@@ -181,8 +181,16 @@ def seconds_table(run_dir, stages:list|None=None) -> str:
         rows.append(f"{s.notebook:<18}{'-' if nb_s is None else f'{nb_s:.0f}':>11}{'-' if st_s is None else f'{st_s:.0f}':>10}")
     return "\n".join(rows + [f"{'total':<18}{total:>11.0f}"])
 
-def run_lifecycle(preset:str="auto", run_dir=None, start=None, stop=None, params:dict|None=None, device:str="auto",
-                  seed:int=0, progress:bool=True, log=print) -> Path:
+def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRESET, else gpu on CUDA, else cpu
+                  run_dir=None,  # the run directory; None: runs/<preset>
+                  start=None,  # the first stage to run (number or name); None: the first
+                  stop=None,  # the last stage to run, inclusive; None: the last
+                  params:dict|None=None,  # knobs, `{"max_docs": 500, "pretrain.lr": 3e-3}`, as `-p` gives them
+                  device:str="auto",  # auto: cuda, then mps, then cpu
+                  seed:int=0,  # the seed of every stage
+                  progress:bool=True,  # papermill's progress bar
+                  log=print,  # where the runner's lines go
+                 ) -> Path:
     "Execute the selected stage notebooks in order into `run_dir/notebooks/`; raise `StageFailed` at the first failure."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -265,8 +273,14 @@ def stages_table(run_dir) -> str:
         rows.append(f"{s.notebook:<18} {state:<5} {'' if secs is None else f'{secs:.0f}':>7}  {', '.join(s.outputs):<34} {s.title}")
     return "\n".join(rows)
 
-def run_stage_script(name:str, preset:str="auto", run_dir=None, device:str="auto", seed:int=0, params:dict|None=None,
-                     progress:bool=True) -> dict|None:
+def run_stage_script(name:str,  # the stage: number or name
+                     preset:str="auto",  # as `start_stage` takes it
+                     run_dir=None,  # the run directory; None: the run's, else runs/<preset>
+                     device:str="auto",  # auto: cuda, then mps, then cpu; under a launcher, each process's own GPU
+                     seed:int=0,  # the seed
+                     params:dict|None=None,  # knobs, as `-p` gives them
+                     progress:bool=True,  # a progress bar (on the main process)
+                    ) -> dict|None:
     "Make stage `name`'s artifacts by its `script` function (the one its notebook calls); its metrics, on the main process."
     stage = get_stage(name)
     if not stage.script:

@@ -317,8 +317,14 @@ def resolve_run(stage:str|Stage, preset:str="auto", run_dir=None) -> tuple[str, 
     return preset, resolve_run_dir(run_dir, preset)
 
 # %% ../nbs/00_core.ipynb #18a78ff7
-def start_stage(name:str, preset:str="auto", run_dir=None, device:str="auto", seed:int=0, params:dict|None=None,
-                **knobs) -> StageRun:
+def start_stage(name:str,  # the stage: number, name or notebook
+                preset:str="auto",  # tiny, cpu, gpu; auto: the environment's, else the run's, else the machine's
+                run_dir=None,  # the run directory; None: the run's, else runs/<preset>
+                device:str="auto",  # auto: cuda, then mps, then cpu
+                seed:int=0,  # seeds every generator
+                params:dict|None=None,  # a notebook's namespace (`globals()`): its parameters cell's values
+                **knobs,  # the stage's knobs; None takes the preset's value
+               ) -> StageRun:
     "Resolve preset, run directory and device for stage `name`, check its inputs, seed, and record it in `run.json`; `params`: a notebook's namespace, read for the common knobs and the stage's."
     stage = get_stage(name)
     if params is not None:
@@ -343,7 +349,11 @@ def metrics_path(stage:str|Stage) -> str:
     s = stage if isinstance(stage, Stage) else get_stage(stage)
     return next(o for o in s.outputs if o.endswith("metrics.json"))
 
-def save_metrics(run:StageRun, results:dict, details:dict|None=None, warnings:list|None=None) -> dict:
+def save_metrics(run:StageRun,  # the stage's run, from `start_stage`
+                 results:dict,  # the headline numbers: flat, numbers and short strings
+                 details:dict|None=None,  # anything else worth keeping: tables, histories
+                 warnings:list|None=None,  # what the user must know; the runner prints them
+                ) -> dict:
     "Write the stage's `metrics.json`: the common header, its headline `results`, optional `details` and `warnings`."
     m = dict(stage=run.stage.name, notebook=run.stage.notebook, preset=run.preset, knobs=run.cfg, seed=run.seed,
              device=str(run.device), started=datetime.datetime.fromtimestamp(run.started).isoformat(timespec="seconds"),
