@@ -30,14 +30,15 @@ def median_time(fn, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sources", nargs="+", default=preset_config("tiny", "data")["sources"], help="default: the tiny preset's")
+    tiny = preset_config("tiny", "data")
+    ap.add_argument("--sources", nargs="+", default=tiny["sources"], help="default: the tiny preset's")
     ap.add_argument("--max-docs", type=int, default=None)
-    ap.add_argument("--num-perm", type=int, default=128)
-    ap.add_argument("--bands", type=int, default=16)
+    ap.add_argument("--num-perm", type=int, default=tiny["num_perm"], help="default: the tiny preset's")
+    ap.add_argument("--bands", type=int, default=tiny["bands"], help="default: the tiny preset's")
     a = ap.parse_args()
     datasets.disable_progress_bars()
 
-    t_collect, raw = median_time(lambda: collect(a.sources, max_docs=a.max_docs), a.repeats)
+    t_collect, (raw, _) = median_time(lambda: collect(a.sources, max_docs=a.max_docs), a.repeats)
     mb = sum(len(d["text"].encode()) for d in raw) / 1e6
     ds = Dataset.from_list(raw)
     t_clean, (clean, funnel, info) = median_time(lambda: clean_corpus(ds, num_perm=a.num_perm, bands=a.bands), a.repeats)
@@ -57,7 +58,7 @@ def main():
     t_legacy, legacy = median_time(lambda: ds_minhash("legacy"), a.repeats)
     t_affine, _ = median_time(lambda: ds_minhash("affine32"), a.repeats)
     identical = all(np.array_equal(x.astype(np.uint32), y) for x, y in zip(legacy, sigs))
-    t_lsh, pairs = median_time(lambda: near_duplicate_pairs(sigs, a.bands, 0.7), a.repeats)
+    t_lsh, pairs = median_time(lambda: near_duplicate_pairs(sigs, a.bands, tiny["jaccard"]), a.repeats)
     t_eval, ev = median_time(lambda: dedup_eval(texts, n_planted=min(200, len(texts)), num_perm=a.num_perm, bands=a.bands), 1)
 
     print(json.dumps(dict(
