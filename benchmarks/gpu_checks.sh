@@ -20,7 +20,7 @@ case "${1:-}" in
   tests)      pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/pytest-gpu.txt" ;;
   data)       llm-lifecycle run --preset gpu --run-dir "$RUN" --to 04 --no-progress 2>&1 | tee "$OUT/stages-01-04.txt" ;;
   pretrain)   llm-lifecycle run --preset gpu --run-dir "$RUN" --from 05 --to 05 --no-progress 2>&1 | tee "$OUT/stage-05.txt"
-              python -c "import json,sys; m=json.load(open(sys.argv[1])); print(json.dumps({k: m[k] for k in ('val_bpb', 'unigram_val_bpb', 'test_bpb', 'steps', 'epochs', 'tokens_per_s', 'mfu', 'train_s', 'wall_s')}, indent=1))" "$RUN/base/metrics.json" | tee "$OUT/stage-05-metrics.json" ;;
+              python -c "import json,sys; m=json.load(open(sys.argv[1])); r=m['results']; print(json.dumps({**{k: r[k] for k in ('val_bpb', 'unigram_val_bpb', 'test_bpb', 'steps', 'epochs', 'tokens_per_s', 'mfu', 'mfu_peak', 'train_s')}, 'seconds': m['seconds']}, indent=1))" "$RUN/base/metrics.json" | tee "$OUT/stage-05-metrics.json" ;;
   generation) llm-lifecycle run --preset gpu --run-dir "$RUN" --from 06 --to 06 --no-progress 2>&1 | tee "$OUT/stage-06.txt" ;;
   bench)      python benchmarks/pretrain.py --run-dir "$RUN" --gpu --seconds 60 --repeats 3 | tee "$OUT/pretrain.json"
               python benchmarks/generation.py --preset gpu --device cuda | tee "$OUT/generation.json" ;;

@@ -83,7 +83,7 @@ PRESETS = {
         "encoding": dict(num_proc=1),
         "model": dict(d_model=128, n_layer=4, n_head=4, n_kv_head=2, d_ff=None, max_seq_len=128, rope_theta=10000.0,
                       dropout=0.0, n_experts=0, top_k_experts=2, tie_embeddings=True),
-        "pretrain": dict(max_steps=500, batch_size=8, grad_accum=1, lr=1e-2, min_lr=1e-3, warmup_steps=20,
+        "pretrain": dict(max_steps=500, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=20,
                          weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=100, eval_iters=8,
                          ckpt_interval=200, resume=False, compile=False, dtype="auto", max_epochs=4.0, lr_sweep=[3e-3, 1e-2, 3e-2],
                          scaling_sizes=[[32, 1], [64, 2], [128, 4]], sweep_steps=15),

@@ -7,9 +7,9 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/model.html.md"""
 # %% auto #0
 __all__ = ['HF_NAMES', 'swiglu_hidden_dim', 'ModelConfig', 'sinusoidal_positions', 'rope_cache', 'rotate_half', 'apply_rope',
            'causal_mask', 'manual_attention', 'repeat_kv', 'KVCache', 'CausalSelfAttention', 'SwiGLU', 'RMSNorm',
-           'load_balancing_loss', 'MoEFeedForward', 'Block', 'TransformerLM', 'cached_logits', 'param_count',
-           'flops_per_token', 'hf_name', 'hf_config', 'model_config', 'hf_state_dict', 'to_hf_llama', 'from_hf_llama',
-           'logits_max_diff', 'save_hf', 'load_hf']
+           'load_balancing_loss', 'MoEFeedForward', 'Block', 'TransformerLM', 'attention_maps', 'cached_logits',
+           'param_count', 'flops_per_token', 'hf_name', 'hf_config', 'model_config', 'hf_state_dict', 'to_hf_llama',
+           'from_hf_llama', 'logits_max_diff', 'save_hf', 'load_hf']
 
 # %% ../nbs/04_model.ipynb #4f3995e7
 import math, re
@@ -272,6 +272,20 @@ class TransformerLM(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         if router_logits: loss = loss + self.cfg.router_aux_loss_coef * self.aux_loss
         return logits, loss
+
+# %% ../nbs/04_model.ipynb #2d9e2a54
+@torch.no_grad()
+def attention_maps(model:TransformerLM, idx:torch.Tensor) -> torch.Tensor:
+    "The attention weights of every layer and head of `model` (in `eval()` mode) on `idx` `(B, T)`: `(n_layer, B, n_head, T, T)`."
+    T = idx.size(1)
+    cos, sin, mask = model.rope_cos[:T], model.rope_sin[:T], causal_mask(T, device=idx.device)
+    x, maps = model.tok_emb(idx), []
+    for blk in model.blocks:
+        q, k, v = blk.attn.qkv(blk.attn_norm(x), cos, sin)
+        rep = blk.attn.n_head // blk.attn.n_kv_head
+        maps.append(manual_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), mask)[1])
+        x = blk(x, cos, sin)[0]
+    return torch.stack(maps)
 
 # %% ../nbs/04_model.ipynb #de0357ee
 def cached_logits(model:TransformerLM, idx:torch.Tensor, chunks:list[int]) -> torch.Tensor:

@@ -74,7 +74,7 @@ def test_a_qualified_knob_reaches_its_stage_alone(tiny_run, tmp_path):
     m = json.loads((tmp_path/"base/metrics.json").read_text())
     assert m["stage"] == "pretrain" and m["preset"] == "tiny"
     assert m["results"]["steps"] == 3 and m["knobs"]["max_steps"] == 3 and m["knobs"]["d_model"] == 32
-    assert m["knobs"]["lr"] == 1e-2  # untouched knobs keep the preset's values
+    assert m["knobs"]["lr"] == 3e-3  # untouched knobs keep the preset's values
     assert json.loads((tmp_path/"run.json").read_text())["stages"]["pretrain"]["params"]["max_steps"] == 3
 
 

@@ -238,3 +238,17 @@ def test_samples_json(tiny_run):
     parity = samples["parity_with_transformers"]
     assert set(parity) == {"greedy", "sampling", "beam_search"}
     assert all(p["of"] > 0 and p["identical"] == p["of"] for p in parity.values())
+
+
+def test_generation_metrics(tiny_run):
+    "generation/metrics.json, the stage's marker: flat headline numbers that agree with samples.json."
+    from llm_lifecycle.core import load_metrics
+    m = load_metrics(tiny_run, "generation")
+    r = m["results"]
+    samples = json.loads((tiny_run / "generation" / "samples.json").read_text())
+    assert all(isinstance(v, (bool, int, float)) for v in r.values())
+    for name, s in samples["strategies"].items():
+        assert r[f"{name}_distinct_2"] == s["distinct_2"] and r[f"{name}_mean_logprob"] == s["mean_logprob"]
+    assert r["same_tokens_as_transformers"] is True
+    assert r["outputs_compared_with_transformers"] == sum(p["of"] for p in samples["parity_with_transformers"].values())
+    assert r["tokens_per_s_kv_cache"] > 0 and r["tokens_per_s_no_cache"] > 0

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_lifecycle.core import PRESETS, preset_config
-from llm_lifecycle.model import (KVCache, ModelConfig, TransformerLM, MoEFeedForward, cached_logits, causal_mask,
-                                 flops_per_token, from_hf_llama, load_balancing_loss, load_hf, logits_max_diff,
-                                 manual_attention, param_count, repeat_kv, save_hf, to_hf_llama)
+from llm_lifecycle.core import PRESETS, load_metrics, preset_config
+from llm_lifecycle.model import (KVCache, ModelConfig, TransformerLM, MoEFeedForward, attention_maps, cached_logits,
+                                 causal_mask, flops_per_token, from_hf_llama, load_balancing_loss, load_hf,
+                                 logits_max_diff, manual_attention, param_count, repeat_kv, save_hf, to_hf_llama)
 
 SMALL = dict(vocab_size=97, d_model=64, n_layer=2, n_head=4)
 
@@ -115,6 +115,34 @@ def _full_cache(model):
     return cache
 
 
+@pytest.mark.parametrize("kw", [dict(n_kv_head=2), dict(n_kv_head=4, n_experts=4, top_k_experts=2)])
+def test_attention_maps_are_the_weights_the_forward_pass_uses(monkeypatch, kw):
+    "Every layer's map equals softmax(QK^T/sqrt(d)) of the queries and keys the fused kernel receives in `forward`."
+    model = small_model(**kw)
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    seen, sdpa = [], F.scaled_dot_product_attention
+    def spy(q, k, v, **kwargs):
+        seen.append(manual_attention(q, k, v, causal_mask(q.size(2), k.size(2)))[1])
+        return sdpa(q, k, v, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad(): model(idx)
+    monkeypatch.undo()
+    maps = attention_maps(model, idx)
+    assert maps.shape == (2, 2, 4, 12, 12) and len(seen) == 2
+    assert (maps - torch.stack(seen)).abs().max().item() < 1e-6
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 4, 12)) and maps.triu(1).abs().max() == 0
+
+
+def test_tiny_run_model_metrics(tiny_run):
+    "Stage 04's model/metrics.json: what the notebook proves about the run's model."
+    m = load_metrics(tiny_run, "model")
+    r = m["results"]
+    cfg = ModelConfig(vocab_size=preset_config("tiny", "tokenizer")["vocab_size"], **preset_config("tiny", "model"))
+    assert (r["params"], r["flops_per_token"]) == (param_count(cfg), flops_per_token(cfg, cfg.max_seq_len))
+    assert r["llama_max_logit_diff"] < 1e-6 and r["mixtral_max_logit_diff"] < 1e-5
+    assert r["overfit_last_loss"] < 0.5 * r["overfit_first_loss"]
+
+
 def test_moe_routing_and_loss():
     torch.manual_seed(0)
     cfg = ModelConfig(**SMALL, n_experts=4, top_k_experts=2)
@@ -152,9 +180,8 @@ def test_param_count(kw):
 
 
 def test_preset_shapes():
-    for p in PRESETS:
-        cfg = ModelConfig(vocab_size=preset_config(p, "tokenizer")["vocab_size"], **preset_config(p, "model"))
-        assert cfg.max_seq_len == preset_config(p, "encoding")["block_size"]
+    cfgs = [ModelConfig(vocab_size=preset_config(p, "tokenizer")["vocab_size"], **preset_config(p, "model")) for p in PRESETS]
+    assert [param_count(c) for c in cfgs] == sorted(param_count(c) for c in cfgs)  # tiny < cpu < gpu
     gpu = ModelConfig(vocab_size=32768, **preset_config("gpu", "model"))
     assert 100e6 < param_count(gpu) < 150e6  # GPT-2-small class
     assert flops_per_token(gpu, 1024) > 6 * (param_count(gpu) - 32768 * 768 * 2)

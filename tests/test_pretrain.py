@@ -1,15 +1,16 @@
-"Stage 05: pretraining. The tiny run's base model, and the loop's parts: schedule, parameter groups, exact resume."
+"Stage 05: pretraining. The tiny run's base model and experiments, the stage command, and the loop's parts: schedule, parameter groups, exact resume."
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from llm_lifecycle.core import load_json
-from llm_lifecycle.encoding import load_tokens
+from llm_lifecycle.core import load_json, load_metrics, save_json, stage_config, start_stage
+from llm_lifecycle.encoding import load_tokens, tokens_meta, write_tokens
 from llm_lifecycle.model import ModelConfig, TransformerLM
-from llm_lifecycle.pretrain import (TrainConfig, bits_per_byte, causal_lm_loss, evaluate, lr_at, mlm_mask,
-                                    param_groups, resume_is_exact, sized_config, train_dtype, unigram_loss)
+from llm_lifecycle.pretrain import (MIN_MARGIN_BPB, TrainConfig, bits_per_byte, causal_lm_loss, evaluate, lr_at, mlm_mask,
+                                    param_groups, resume_is_exact, sized_config, train_base, train_dtype, unigram_loss)
 
 MICRO = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, max_seq_len=16, dropout=0.1)
 
@@ -24,25 +25,88 @@ def synthetic_tokens(n=20_000, vocab=64, seed=0) -> np.ndarray:
 
 
 def test_tiny_run_base_model(tiny_run):
+    "The notebook's run (it calls `train_base`): base/metrics.json in the common shape, a model that beats the unigram baseline and reloads with transformers."
     from transformers import AutoModelForCausalLM
-    metrics = load_json(tiny_run/"base"/"metrics.json")
-    assert metrics["val_bpb"] < metrics["unigram_val_bpb"] - 0.2
-    assert metrics["test_bpb"] < metrics["unigram_test_bpb"] - 0.2
-    assert metrics["last_train_loss"] < metrics["first_train_loss"]
-    assert metrics["history"]["val_loss"][-1] < metrics["history"]["val_loss"][0]
-    assert metrics["steps"] > 0 and metrics["tokens_seen"] > 0
-    assert metrics["tokens_seen"] == metrics["steps"] * metrics["train"]["batch_size"] * metrics["train"]["block_size"] * metrics["train"]["grad_accum"]
-    # two processes (torchrun, gloo) with half the batch each ended where one process with the whole batch did
-    ddp = metrics["ddp_check"]
-    assert ddp["relative_weight_diff"] < 1e-5
-    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(*ddp["val_loss"].values()))
+    metrics = load_metrics(tiny_run, "pretrain")
+    r, d = metrics["results"], metrics["details"]
+    assert metrics["stage"] == "pretrain" and metrics["preset"] == "tiny" and "warnings" not in metrics
+    assert all(isinstance(v, (bool, int, float, str)) for v in r.values())  # results are flat: the report card joins them
+    assert r["val_bpb"] < r["unigram_val_bpb"] - MIN_MARGIN_BPB
+    assert r["test_bpb"] < r["unigram_test_bpb"] - MIN_MARGIN_BPB
+    assert r["last_train_loss"] < r["first_train_loss"]
+    assert d["history"]["val_loss"][-1] < d["history"]["val_loss"][0] and d["history"]["step"][-1] == r["steps"]
+    assert r["steps"] > 0 and r["tokens_seen"] == r["steps"] * d["train"]["batch_size"] * d["train"]["block_size"] * d["train"]["grad_accum"]
+    assert d["model"]["d_model"] == metrics["knobs"]["d_model"] and d["train"]["lr"] == metrics["knobs"]["lr"]
     hf = AutoModelForCausalLM.from_pretrained(tiny_run/"base", dtype=torch.float32)
     assert type(hf).__name__ == "LlamaForCausalLM"
     meta = load_json(tiny_run/"tokens"/"meta.json")
     val = load_tokens(tiny_run/"tokens", "validation")
     loss = evaluate(hf, val, 32, hf.config.max_position_embeddings)
-    assert math.isclose(loss, metrics["val_loss"], rel_tol=1e-4)
-    assert math.isclose(bits_per_byte(loss, meta["splits"]["validation"]["bytes_per_token"]), metrics["val_bpb"], rel_tol=1e-4)
+    assert math.isclose(loss, r["val_loss"], rel_tol=1e-4)
+    assert math.isclose(bits_per_byte(loss, meta["splits"]["validation"]["bytes_per_token"]), r["val_bpb"], rel_tol=1e-4)
+
+
+def test_tiny_run_experiments(tiny_run):
+    "The notebook's experiments live in pretrain/experiments.json, not in base/metrics.json."
+    exp = load_json(tiny_run/"pretrain"/"experiments.json")
+    assert "ddp_check" not in load_metrics(tiny_run, "pretrain").get("details", {})
+    knobs = stage_config("pretrain", "tiny")
+    assert [float(k) for k in exp["lr_sweep"]] == knobs["lr_sweep"]
+    assert [[s["d_model"], s["n_layer"]] for s in exp["scaling"]] == knobs["scaling_sizes"]
+    assert exp["mlm"]["last_loss"] < exp["mlm"]["first_loss"]
+    # two processes (torchrun, gloo) with half the batch each ended where one process with the whole batch did
+    ddp = exp["ddp_check"]
+    assert ddp["relative_weight_diff"] < 1e-5
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(*ddp["val_loss"].values()))
+
+
+def synthetic_run_dir(path:Path) -> Path:
+    "A run directory holding what stage 05 reads: a small byte-level BPE tokenizer (stage 02) and splits of `synthetic_tokens` (stage 03)."
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"])
+    tok.train_from_iterator(["the cat sat on the mat"] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    tokenizer.save_pretrained(path/"tokenizer")
+    counts = {}
+    for seed, split in enumerate(("train", "validation", "test")):
+        ids = synthetic_tokens(n=20_000 if split == "train" else 2_000, seed=seed)
+        write_tokens(ids, path/"tokens"/f"{split}.bin")
+        counts[split] = dict(docs=1, tokens=len(ids), bytes=3 * len(ids))
+    save_json(path/"tokens"/"meta.json", tokens_meta(tokenizer, counts))
+    for marker in ("tokenizer", "tokens"): save_json(path/marker/"metrics.json", {})  # stages 02 and 03 are done
+    return path
+
+
+FEW_STEPS = dict(d_model=32, n_layer=2, n_head=2, n_kv_head=1, max_seq_len=16, max_steps=6, batch_size=4, warmup_steps=2,
+                 eval_interval=3, eval_iters=2, ckpt_interval=0, max_epochs=0)
+
+
+def test_stage_command_makes_what_the_notebook_makes(tmp_path):
+    "`llm-lifecycle stage pretrain` and `train_base(run)`, which the notebook calls, write the same base/metrics.json results for the same knobs."
+    import subprocess, sys
+    cli, notebook = synthetic_run_dir(tmp_path/"cli"), synthetic_run_dir(tmp_path/"notebook")
+    args = ["stage", "pretrain", "--preset", "tiny", "--run-dir", str(cli), "--device", "cpu", "--no-progress",
+            *(f"-p{k}={v}" for k, v in FEW_STEPS.items())]
+    r = subprocess.run([sys.executable, "-c", "import sys; from llm_lifecycle.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "finished 05_pretrain" in r.stdout
+    ours = train_base(start_stage("pretrain", "tiny", notebook, "cpu", **FEW_STEPS), progress=False)
+    theirs = load_metrics(cli, "pretrain")
+    assert ours == load_metrics(notebook, "pretrain") and set(ours) == set(theirs)
+    assert ours["knobs"] == theirs["knobs"] and ours["details"].keys() == theirs["details"].keys()
+    assert ours["details"]["model"] == theirs["details"]["model"] and ours["details"]["train"] == theirs["details"]["train"]
+    for k, v in ours["details"]["history"].items(): assert v == pytest.approx(theirs["details"]["history"][k], rel=1e-5), k
+    assert set(ours["results"]) == set(theirs["results"])
+    for k, v in ours["results"].items():
+        if k in ("tokens_per_s", "train_s", "mfu"): continue  # timings differ
+        assert v == (pytest.approx(theirs["results"][k], rel=1e-5) if isinstance(v, float) else theirs["results"][k]), k
+    assert ours["results"]["steps"] == 6 and ours["results"]["mfu_peak"] == "measured float32 matmul of this CPU"
+    assert "unigram baseline" in ours["warnings"][0]  # 6 steps do not beat it by MIN_MARGIN_BPB: a warning, not an error
+    assert sorted(p.name for p in (cli/"base").iterdir()) == sorted(p.name for p in (notebook/"base").iterdir())
 
 
 def test_resume_is_bit_exact(tmp_path):
