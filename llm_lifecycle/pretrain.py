@@ -1,6 +1,12 @@
-"""Causal-language-model pretraining in one readable loop: AdamW, warmup and cosine decay, clipping, accumulation,
-bf16 and `torch.compile` on a GPU, evaluation in bits per byte, exact resume from checkpoints, and
-experiments on the learning rate and the model size.
+"""Causal-LM pretraining in one readable loop, measured in bits per byte, resumed exactly, scaled out with Accelerate.
+
+Stage 03 left the corpus as flat arrays of token ids; stage 04 built the model. Pretraining is the loop that
+joins them: draw a batch of windows, predict every next token, step the optimizer, and now and then measure the
+loss on text the model never trains on. Like nanoGPT's `train.py`, the loop fits on a screen; each of its parts
+is built and checked first, then experiments on the learning rate and the model size, whose numbers go to
+`pretrain/experiments.json`. At the end `train_base`, the function `llm-lifecycle stage pretrain` runs too,
+trains the run's model and writes it as a standard Hugging Face folder, `base/`, with its `metrics.json`; later
+stages (generation, fine-tuning, alignment) start from it.
 
 Docs: https://llm-lifecycle.github.io/llm-lifecycle/pretrain.html.md"""
 
