@@ -5,10 +5,10 @@ Modules:
 - `llm_lifecycle.cli`: Run the stage notebooks in order with papermill, with validated parameters, into one run directory.
 - `llm_lifecycle.core`: Presets, the run directory, device choice, seeding and atomic artifact IO: what every stage shares.
 - `llm_lifecycle.data`: Collect raw documents, clean them step by step, remove duplicates and near-duplicates, and split them.
-- `llm_lifecycle.encoding`: Every split tokenized once into a flat array of ids on disk, and the loaders that cut training and evaluation windows out of it.
+- `llm_lifecycle.encoding`: Every split tokenized once into a flat array of ids on disk, and the loaders that cut windows out of it.
 - `llm_lifecycle.generation`: From next-token logits to text: greedy, temperature, top-k, top-p, repetition penalty, stop tokens, beam search and the KV cache, written from scratch and checked token for token against `transformers`' `generate`.
 - `llm_lifecycle.model`: A decoder-only transformer built from scratch, piece by piece, and proven to be Llama: same logits as `transformers`' `LlamaForCausalLM`, exported as a standard Hugging Face model folder.
 - `llm_lifecycle.pretrain`: Causal-LM pretraining in one readable loop, measured in bits per byte, resumed exactly, scaled out with Accelerate.
-- `llm_lifecycle.tokenizer`: Byte-level BPE built from scratch, then trained for real with `tokenizers`, compared with SentencePiece, and wrapped as a Hugging Face tokenizer with special tokens and a chat template."""
+- `llm_lifecycle.tokenizer`: Byte-level BPE from scratch, then trained with `tokenizers`, compared with SentencePiece, wrapped for `transformers`."""
 
 __version__ = "0.1.0"

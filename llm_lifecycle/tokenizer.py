@@ -1,5 +1,10 @@
-"""Byte-level BPE built from scratch, then trained for real with `tokenizers`, compared with SentencePiece, and
-wrapped as a Hugging Face tokenizer with special tokens and a chat template.
+"""Byte-level BPE from scratch, then trained with `tokenizers`, compared with SentencePiece, wrapped for `transformers`.
+
+A language model reads integers, not text. The tokenizer is the fixed, learned map between the two. It should
+never fail on any input (no "unknown" token), give the text back exactly, and be short: the fewer tokens a text
+takes, the more text fits in the model's context and the less compute each byte of text costs. Byte-pair
+encoding (BPE) gets all three: start from the 256 byte values, so any string can be written, then learn
+*merges*: repeatedly give the most frequent adjacent pair of tokens a new id of its own.
 
 Docs: https://llm-lifecycle.github.io/llm-lifecycle/tokenizer.html.md"""
 

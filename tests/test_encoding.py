@@ -4,11 +4,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer
 
-from llm_lifecycle.encoding import (decode_shard, encode_split, eval_batches, get_batch, load_tokens, token_dtype,
-                                    tokens_meta, write_tokens)
+from llm_lifecycle.core import StageRun, get_stage, stage_config, stage_done
+from llm_lifecycle.encoding import (decode_shard, encode_split, eval_batches, get_batch, load_tokens, save_tokens,
+                                    token_dtype, tokens_meta, write_tokens)
 from llm_lifecycle.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, train_hf_bpe, wrap_tokenizer
 
 DOCS = ["The first document, about tokens.", "A second one:\n    indented code()\n", "Third <|eos|> has the separator as text.",
@@ -50,6 +51,22 @@ def test_write_load_tokens(tokenizer, tmp_path):
     with pytest.raises(KeyError, match="no split"): load_tokens(tmp_path, "test")
     write_tokens(ids[:50], tmp_path/"train.bin")
     with pytest.raises(ValueError, match="meta.json says 100"): load_tokens(tmp_path, "train")
+
+
+def test_save_tokens(tokenizer, tmp_path):
+    "One function writes the whole stage: shards and meta.json replace any older tokens/, metrics.json comes last."
+    run = StageRun(get_stage("encoding"), "tiny", tmp_path, torch.device("cpu"), 0, stage_config("encoding", "tiny"))
+    (tmp_path/"tokens").mkdir()
+    (tmp_path/"tokens"/"old.bin").write_bytes(b"stale")
+    corpus = DatasetDict(train=Dataset.from_dict({"text": DOCS * 3}), validation=Dataset.from_dict({"text": DOCS[:2]}))
+    results = save_tokens(run, tokenizer, corpus)["results"]
+    assert sorted(p.name for p in (tmp_path/"tokens").iterdir()) == ["meta.json", "metrics.json", "train.bin", "validation.bin"]
+    assert stage_done(tmp_path, "encoding")
+    for split, ds in corpus.items():
+        ids = load_tokens(tmp_path/"tokens", split)
+        assert decode_shard(np.asarray(ids), tokenizer) == ds["text"]
+        assert results[f"{split}_tokens"] == len(ids)
+        assert results[f"{split}_bytes_per_token"] == pytest.approx(sum(len(t.encode()) for t in ds["text"]) / len(ids))
 
 
 def test_get_batch():
@@ -96,3 +113,10 @@ def test_tiny_shards(tiny_run):
     val = load_tokens(tiny_run/"tokens", "validation")
     assert decode_shard(np.asarray(val), tok) == list(corpus["validation"]["text"])
     assert int(np.asarray(load_tokens(tiny_run/"tokens", "train")).max()) < meta["vocab_size"]
+    results = json.loads((tiny_run/"tokens"/"metrics.json").read_text())["results"]
+    for split in corpus:
+        tokens = (tiny_run/"tokens"/f"{split}.bin").stat().st_size // np.dtype(meta["dtype"]).itemsize
+        assert results[f"{split}_tokens"] == tokens > 10_000
+        n_bytes = sum(len(t.encode("utf-8")) for t in corpus[split]["text"])
+        assert results[f"{split}_bytes_per_token"] == pytest.approx(n_bytes / tokens)
+        assert 2.5 < results[f"{split}_bytes_per_token"] < 4.8

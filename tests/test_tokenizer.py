@@ -2,12 +2,15 @@
 import json
 
 import pytest
+import torch
+from datasets import load_from_disk
 from hypothesis import HealthCheck, given, settings, strategies as st
 from transformers import AutoTokenizer
 
-from llm_lifecycle.tokenizer import (CHAT_TOKENS, SPECIAL_TOKENS, BPETokenizer, load_bpe, merge_pair, pretokenize,
-                                     sample_texts, save_bpe, split_special, train_bpe, train_bpe_naive, train_hf_bpe,
-                                     train_sentencepiece, wrap_tokenizer)
+from llm_lifecycle.core import StageRun, get_stage, stage_config, stage_done
+from llm_lifecycle.tokenizer import (CHAT_TOKENS, SPECIAL_TOKENS, BPETokenizer, hf_token_bytes, load_bpe, merge_pair,
+                                     pretokenize, sample_texts, save_bpe, save_tokenizer, split_special, train_bpe,
+                                     train_bpe_naive, train_hf_bpe, train_sentencepiece, wrap_tokenizer)
 
 CORPUS = ["The tokenizer maps text to ids and back again. " * 3,
           "def merge_pair(ids, pair, new_id):\n    return [new_id if p == pair else p for p in ids]\n",
@@ -51,6 +54,13 @@ def test_fast_trainer_matches_naive_with_specials_and_min_frequency():
 
 def test_merges_deterministic():
     assert train_bpe(CORPUS, 320) == train_bpe(list(CORPUS), 320)
+
+
+@SETTINGS
+@given(st.permutations(CORPUS + ["aaaa bbbb aaaa", "ab ab ba"]))
+def test_merges_do_not_depend_on_document_order(texts):
+    "Ties are broken by the smaller pair, so the merges are the same whatever the order of the documents."
+    assert train_bpe(texts, 330) == train_bpe(CORPUS + ["aaaa bbbb aaaa", "ab ab ba"], 330)
 
 
 @SETTINGS
@@ -99,7 +109,6 @@ def test_scratch_and_tokenizers_agree():
     "Same algorithm, same data, same size: `tokenizers` learns nearly the same vocabulary as ours."
     ours = set(BPETokenizer(train_bpe(CORPUS * 3, 300, min_frequency=2)).vocab)
     theirs = train_hf_bpe(CORPUS * 3, 300, min_frequency=2)
-    from llm_lifecycle.tokenizer import hf_token_bytes
     shared = hf_token_bytes(theirs) & ours
     assert len(shared) - 256 >= 0.8 * (len(ours) - 256)
 
@@ -121,13 +130,35 @@ def test_sentencepiece_byte_fallback():
     assert sp.unk_id() not in sp.encode(s)
 
 
+def test_save_tokenizer(tmp_path):
+    "One function writes the whole stage: the HF folder with stats.json replaces any older one, metrics.json comes last."
+    run = StageRun(get_stage("tokenizer"), "tiny", tmp_path, torch.device("cpu"), 0, stage_config("tokenizer", "tiny"))
+    (tmp_path/"tokenizer").mkdir()
+    (tmp_path/"tokenizer"/"stale.txt").write_text("from an older run")
+    tok = wrap_tokenizer(train_hf_bpe(CORPUS, 320, [*SPECIAL_TOKENS.values(), *CHAT_TOKENS], min_frequency=1))
+    metrics = save_tokenizer(run, tok, {"bytes_per_token_validation": 2.5}, {"curve": {512: 2.0}})
+    assert metrics["results"] == {"vocab_size": len(tok), "bytes_per_token_validation": 2.5}
+    assert json.loads((tmp_path/"tokenizer"/"metrics.json").read_text())["results"] == metrics["results"]
+    assert json.loads((tmp_path/"tokenizer"/"stats.json").read_text()) == {"curve": {"512": 2.0}}
+    assert not (tmp_path/"tokenizer"/"stale.txt").exists() and stage_done(tmp_path, "tokenizer")
+    assert AutoTokenizer.from_pretrained(tmp_path/"tokenizer")("tokens 🤗")["input_ids"] == tok("tokens 🤗")["input_ids"]
+
+
 def test_tokenizer_artifacts(tiny_run):
     tok = AutoTokenizer.from_pretrained(tiny_run/"tokenizer")
+    results = json.loads((tiny_run/"tokenizer"/"metrics.json").read_text())["results"]
     stats = json.loads((tiny_run/"tokenizer"/"stats.json").read_text())
-    assert stats["vocab_size"] == len(tok)
+    assert results["vocab_size"] == len(tok) == stage_config("tokenizer", "tiny")["vocab_size"]
     assert tok.convert_tokens_to_ids([*SPECIAL_TOKENS.values(), *CHAT_TOKENS]) == list(range(7))
-    assert stats["bytes_per_token_validation"] > 2
-    assert abs(stats["scratch_vs_tokenizers_bytes_per_token_ratio"] - 1) < 0.03
+    val = [t for t in load_from_disk(tiny_run/"data")["validation"]["text"] if t]
+    n_tokens = sum(len(ids) for ids in tok(val, add_special_tokens=False)["input_ids"])
+    assert results["bytes_per_token_validation"] == pytest.approx(sum(len(t.encode()) for t in val) / n_tokens)
+    assert 2.5 < results["bytes_per_token_validation"] < stats["bytes_per_token_ceiling"]
+    assert abs(results["scratch_vs_tokenizers_bytes_per_token_ratio"] - 1) < 0.03
+    assert 0.7 < results["sentencepiece_unigram_vs_tokenizers_bytes_per_token_ratio"] < 1.1
+    assert 0.7 < results["sentencepiece_bpe_vs_tokenizers_bytes_per_token_ratio"] < 1.1
+    curve = [v for _, v in sorted((int(k), v) for k, v in stats["compression_vs_vocab_size"].items())]
+    assert curve == sorted(curve) and len(curve) >= 4
     assert {r["tokenizer"] for r in stats["comparison"]} >= {"from scratch (ours)", "tokenizers BPE",
                                                              "SentencePiece bpe", "SentencePiece unigram"}
     s = "def f(x):\n    return x  # 🤗 日本語"
