@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
-from llm_lifecycle.core import project_root
+from llm_lifecycle.core import project_root, stage_done
 from llm_lifecycle.tokenizer import (BPETokenizer, sample_texts, train_bpe, train_bpe_naive, train_hf_bpe,
                                      train_sentencepiece)
 
@@ -38,18 +38,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement (the naive trainer runs once)")
     args = ap.parse_args()
 
-    data = Path(args.run_dir)/"data"
-    if not (data/"stats.json").exists(): raise SystemExit(f"{data} has no corpus; run stage 01_data first")
-    corpus = load_from_disk(data)
+    if not stage_done(args.run_dir, "data"): raise SystemExit(f"{args.run_dir} has no corpus; run stage 01_data first")
+    corpus = load_from_disk(Path(args.run_dir)/"data")
     train = [t for t in corpus["train"]["text"] if t]
     val = [t for t in corpus["validation"]["text"] if t]
     sample, small = sample_texts(train, args.bytes), sample_texts(train, args.naive_bytes)
     size = lambda texts: sum(len(t.encode("utf-8")) for t in texts)
     v, r = args.vocab_size, args.repeats
 
-    naive_merges, naive_s = timed(lambda: train_bpe_naive(small, v), 1)
-    fast_small_merges, fast_small_s = timed(lambda: train_bpe(small, v), r)
-    merges, fast_s = timed(lambda: train_bpe(sample, v), r)
+    # min_frequency=1 everywhere: every trainer learns the full vocabulary, so the timings compare the same work
+    naive_merges, naive_s = timed(lambda: train_bpe_naive(small, v, min_frequency=1), 1)
+    fast_small_merges, fast_small_s = timed(lambda: train_bpe(small, v, min_frequency=1), r)
+    merges, fast_s = timed(lambda: train_bpe(sample, v, min_frequency=1), r)
     hf, hf_s = timed(lambda: train_hf_bpe(sample, v, min_frequency=1), r)
     sp = {k: timed(lambda: train_sentencepiece(sample, v, k), r) for k in ["bpe", "unigram"]}
 
