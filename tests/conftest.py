@@ -58,8 +58,11 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (minutes each; optional extras)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available(): return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords: item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available(): item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "slow" in item.keywords and not config.getoption("--slow"): item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
