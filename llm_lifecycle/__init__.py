@@ -9,6 +9,7 @@ Modules:
 - `llm_lifecycle.generation`: From next-token logits to text: greedy, temperature, top-k, top-p, repetition penalty, stop tokens, beam search and the KV cache, written from scratch and checked token for token against `transformers`' `generate`.
 - `llm_lifecycle.model`: A decoder-only transformer built from scratch, piece by piece, and proven to be Llama: same logits as `transformers`' `LlamaForCausalLM`, exported as a standard Hugging Face model folder.
 - `llm_lifecycle.pretrain`: Causal-LM pretraining in one readable loop, measured in bits per byte, resumed exactly, scaled out with Accelerate.
+- `llm_lifecycle.sft`: Alpaca, ShareGPT and chat-message data with a validator, checkable tasks made by the project, data augmentation, supervised fine-tuning with TRL's `SFTTrainer` on the assistant's tokens only, and retraining the last layers for a classification task.
 - `llm_lifecycle.tokenizer`: Byte-level BPE from scratch, then trained with `tokenizers`, compared with SentencePiece, wrapped for `transformers`."""
 
 __version__ = "0.1.0"

@@ -53,8 +53,9 @@ STAGES = [
     Stage("05", "pretrain", "Pretraining", ("base/metrics.json",), ("tokenizer", "encoding"), ("model",),
           "llm_lifecycle.pretrain:train_base"),
     Stage("06", "generation", "Generation", ("generation/metrics.json",), ("pretrain",)),
-    Stage("07", "sft", "Instruction fine-tuning", ("sft/metrics.json",), ("pretrain",)),
-    Stage("08", "peft_tuning", "Parameter-efficient fine-tuning", ("peft/metrics.json",), ("pretrain", "sft")),
+    Stage("07", "sft", "Instruction fine-tuning", ("sft/metrics.json",), ("pretrain",), script="llm_lifecycle.sft:run_sft"),
+    Stage("08", "peft_tuning", "Parameter-efficient fine-tuning", ("peft/metrics.json",), ("pretrain", "sft"),
+          script="llm_lifecycle.peft_tuning:run_peft"),
     Stage("09", "reward", "The reward model", ("reward/metrics.json",), ("sft",)),
     Stage("10", "rlhf", "RLHF: PPO, DPO, GRPO", ("rlhf/metrics.json",), ("sft", "reward")),
     Stage("11", "constellation", "Models working together", ("constellation/metrics.json",),
@@ -90,6 +91,14 @@ PRESETS = {
         "generation": dict(max_new_tokens=32, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3, num_beams=4,
                            length_penalty=1.0, n_samples=4,
                            prompts=["The function returns", "This module provides", "If the value is", "Return a new"]),
+        "sft": dict(data=None, tasks=["count_words", "last_word", "larger", "convert_units", "extract_number", "to_json"],
+                    train_per_task=500, test_per_task=40, history_frac=0.2, system_frac=0.3,
+                    augment_model="base", augment_n=32, base_model="base", candidates=["base"], max_steps=500, batch_size=16,
+                    lr=3e-3, warmup_steps=20, weight_decay=0.0, packing=False, max_new_tokens=24, cls_modules=8, cls_last_n=1,
+                    cls_steps=150, cls_lr=1e-3),
+        "peft_tuning": dict(methods=["full", "last_layers", "lora", "qlora", "prompt_tuning", "p_tuning"], max_steps=300,
+                            batch_size=16, lr=2e-3, last_n=1, lora_ranks=[2, 8], lora_alpha=16, lora_lr=1e-2, prompt_tokens=8,
+                            prompt_lr=3e-2, max_new_tokens=24),
     },
     "cpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=2),
@@ -100,6 +109,8 @@ PRESETS = {
                          eval_iters=16, ckpt_interval=200, lr_sweep=[6e-4, 2e-3, 6e-3],
                          scaling_sizes=[[96, 2], [192, 4], [384, 6]], sweep_steps=40),
         "generation": dict(max_new_tokens=64, n_samples=8),
+        "sft": dict(tasks=None, augment_model="smollm2", augment_n=64, candidates=["base", "smollm2"], train_per_task=1000,
+                    max_steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, max_new_tokens=32, cls_steps=300),
     },
     "gpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=8),
@@ -110,6 +121,8 @@ PRESETS = {
                          eval_iters=20, ckpt_interval=500, compile=True,  # 1000 × 32k tokens: 4 epochs of 7.9M
                          lr_sweep=[3e-4, 1e-3, 3e-3], scaling_sizes=[[256, 4], [384, 6], [512, 8]], sweep_steps=200),
         "generation": dict(max_new_tokens=128, n_samples=16),
+        "sft": dict(tasks=None, augment_model="smollm2", augment_n=256, candidates=["base", "smollm2"], train_per_task=2000,
+                    max_steps=2000, batch_size=64, lr=5e-4, warmup_steps=100, max_new_tokens=48, cls_steps=500),
     },
 }
 
