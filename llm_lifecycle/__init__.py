@@ -8,6 +8,7 @@ Modules:
 - `llm_lifecycle.encoding`: Every split tokenized once into a flat array of ids on disk, and the loaders that cut windows out of it.
 - `llm_lifecycle.generation`: From next-token logits to text: greedy, temperature, top-k, top-p, repetition penalty, stop tokens, beam search and the KV cache, written from scratch and checked token for token against `transformers`' `generate`.
 - `llm_lifecycle.model`: A decoder-only transformer built from scratch, piece by piece, and proven to be Llama: same logits as `transformers`' `LlamaForCausalLM`, exported as a standard Hugging Face model folder.
+- `llm_lifecycle.peft_tuning`: LoRA written out and checked against PEFT, QLoRA's 4-bit NormalFloat from scratch and bit for bit against bitsandbytes, prompt tuning and P-tuning, and one table that compares them with full and last-layer fine-tuning on the same data and steps.
 - `llm_lifecycle.pretrain`: Causal-LM pretraining in one readable loop, measured in bits per byte, resumed exactly, scaled out with Accelerate.
 - `llm_lifecycle.sft`: Alpaca, ShareGPT and chat-message data with a validator, checkable tasks made by the project, data augmentation, supervised fine-tuning with TRL's `SFTTrainer` on the assistant's tokens only, and retraining the last layers for a classification task.
 - `llm_lifecycle.tokenizer`: Byte-level BPE from scratch, then trained with `tokenizers`, compared with SentencePiece, wrapped for `transformers`."""

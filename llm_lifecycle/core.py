@@ -96,8 +96,8 @@ PRESETS = {
                     augment_model="base", augment_n=32, base_model="base", candidates=["base"], max_steps=500, batch_size=16,
                     lr=3e-3, warmup_steps=20, weight_decay=0.0, packing=False, max_new_tokens=24, cls_modules=8, cls_last_n=1,
                     cls_steps=150, cls_lr=1e-3),
-        "peft_tuning": dict(methods=["full", "last_layers", "lora", "qlora", "prompt_tuning", "p_tuning"], max_steps=300,
-                            batch_size=16, lr=2e-3, last_n=1, lora_ranks=[2, 8], lora_alpha=16, lora_lr=1e-2, prompt_tokens=8,
+        "peft_tuning": dict(methods=["full", "last_layers", "lora", "qlora", "prompt_tuning", "p_tuning"], max_steps=100,
+                            batch_size=8, lr=5e-3, last_n=1, lora_ranks=[8, 2], lora_alpha=16, lora_lr=1e-2, prompt_tokens=8,
                             prompt_lr=3e-2, max_new_tokens=24),
     },
     "cpu": {
