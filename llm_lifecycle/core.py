@@ -93,7 +93,7 @@ PRESETS = {
                            prompts=["The function returns", "This module provides", "If the value is", "Return a new"]),
         "sft": dict(data=None, tasks=["count_words", "last_word", "larger", "convert_units", "extract_number", "to_json"],
                     train_per_task=500, test_per_task=40, history_frac=0.2, system_frac=0.3,
-                    augment_model="base", augment_n=32, base_model="base", candidates=["base"], max_steps=500, batch_size=16,
+                    augment_model="base", augment_n=32, base_model="base", candidates=["base"], max_steps=800, batch_size=16,
                     lr=3e-3, warmup_steps=20, weight_decay=0.0, packing=False, max_new_tokens=24, cls_modules=8, cls_last_n=1,
                     cls_steps=150, cls_lr=1e-3),
         "peft_tuning": dict(methods=["full", "last_layers", "lora", "qlora", "prompt_tuning", "p_tuning"], max_steps=100,

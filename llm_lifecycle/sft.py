@@ -23,7 +23,7 @@ __all__ = ['SHAREGPT_ROLES', 'WORDS', 'NAMES', 'UNITS', 'SENTENCES', 'TASKS', 'S
            'quiet_trainer', 'sft_trainer', 'trainable_parameters', 'docstring_classes', 'freeze_but_last',
            'train_classifier', 'instruction_data', 'run_sft']
 
-# %% ../nbs/07_sft.ipynb #18849c29
+# %% ../nbs/07_sft.ipynb #42fa56b4
 import hashlib, json, logging, random, re, tempfile, time
 from collections import Counter
 from contextlib import contextmanager
@@ -51,7 +51,7 @@ def quiet_hf():
         if ds_on: datasets.enable_progress_bars()
         if tf_on: tl.enable_progress_bar()
 
-# %% ../nbs/07_sft.ipynb #aec1b249
+# %% ../nbs/07_sft.ipynb #ae0f3d56
 class BadInstructions(ValueError):
     "Every problem of an instruction file, each naming the file, the record (and line), the field and what is wrong."
     def __init__(self, file, problems:list):
@@ -62,7 +62,7 @@ class BadInstructions(ValueError):
         lines = [f"  {where(p)}: {p['problem']}" for p in problems]
         super().__init__(f"{file}: {len(problems)} problem{'s' * (len(problems) != 1)} in the instruction data\n" + "\n".join(lines))
 
-# %% ../nbs/07_sft.ipynb #4459fbea
+# %% ../nbs/07_sft.ipynb #4f37c6ea
 def _kind(v) -> str:
     return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object",
             type(None): "null"}.get(type(v), type(v).__name__)
@@ -85,7 +85,7 @@ def alpaca_problems(r) -> list[tuple[str, str]]:
                       if not (isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) and x.strip() for x in t))]
     return out
 
-# %% ../nbs/07_sft.ipynb #0887b1e9
+# %% ../nbs/07_sft.ipynb #c14d8716
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 def messages_problems(msgs, field:str="messages", role_key:str="role", text_key:str="content", roles=None) -> list:
@@ -117,7 +117,7 @@ def to_messages(r) -> tuple[list|None, list]:
     ps = alpaca_problems(r)
     return (None if ps else alpaca_to_messages(r)), ps
 
-# %% ../nbs/07_sft.ipynb #f276d348
+# %% ../nbs/07_sft.ipynb #1d24f45b
 def read_instructions(source, split:str="train") -> list[dict]:
     "The records of `source` (a JSON/JSONL file, or a hub dataset's `split`), each with its `messages`; raises `BadInstructions` with every problem."
     p = Path(source)
@@ -138,7 +138,7 @@ def read_instructions(source, split:str="train") -> list[dict]:
     if not good: raise BadInstructions(source, [dict(record=None, field=None, problem="no records")])
     return good
 
-# %% ../nbs/07_sft.ipynb #fb8f39d4
+# %% ../nbs/07_sft.ipynb #6dce6cdb
 WORDS = ("red blue green black white apple pear plum lemon river stone cloud tree bird fish lamp door book chair "
          "table road rain snow wind fire milk bread salt sugar cat dog cow horse sheep wolf fox owl frog moon star "
          "sun ship boat car train bell ring coin key box cup").split()
@@ -179,7 +179,7 @@ def _person(text):
     n, a = [w for w in re.findall(r"[A-Za-z]+", text) if w in NAMES], _ints(text)
     return dict(name=n[-1], age=a[-1]) if n and a else None
 
-# %% ../nbs/07_sft.ipynb #94364b40
+# %% ../nbs/07_sft.ipynb #4d7fe9b4
 TASKS = {t.name: t for t in [
     Task("add", lambda r: dict(a=r.randint(0, 50), b=r.randint(0, 49)), lambda s: str(s["a"] + s["b"]), _two,
          [("What is {a} + {b}?", ""), ("Add the two numbers.", "{a} and {b}"), ("Compute {a} plus {b}.", ""),
@@ -225,7 +225,7 @@ def template_values(s:dict) -> dict:
     if "s" in s: out["sentence"] = SENTENCES[s["s"]].format(n=s["n"])
     return out
 
-# %% ../nbs/07_sft.ipynb #5bdb27ab
+# %% ../nbs/07_sft.ipynb #bac41cd4
 def docstring_entries(data_dir, max_summary_chars:int=60) -> list[tuple[str, str, str]]:
     "`(module, name, summary)` of every documented function in the corpus of stage 01 (all splits), summaries short enough to answer."
     from datasets import concatenate_datasets
@@ -261,7 +261,7 @@ def corpus_tasks(entries:list, split:str) -> dict:
                               ("What is the name of the function described here: {summary}", ""),
                               ("Give the function whose summary is: {summary}", "")])}
 
-# %% ../nbs/07_sft.ipynb #1a864cb7
+# %% ../nbs/07_sft.ipynb #30a0ebb4
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly.", "Give only the answer.",
                   "Reply with the answer and nothing else."]  # the last one is held out for the test split
 
@@ -283,7 +283,7 @@ def check_answer(task:Task, instruction:str, input:str, output:str) -> str|None:
     if want is None: return "the task's values cannot be read from the prompt"
     return None if normalize_answer(output) == normalize_answer(want) else "wrong answer"
 
-# %% ../nbs/07_sft.ipynb #e97ccdd4
+# %% ../nbs/07_sft.ipynb #c78c471a
 ALL_TASKS = [*TASKS, "doc_summary", "doc_name"]
 
 def make_instructions(entries:list,  # `docstring_entries` of the corpus, for the two corpus tasks
@@ -321,7 +321,7 @@ def make_instructions(entries:list,  # `docstring_entries` of the corpus, for th
         out[split] = Dataset.from_list([dict(r, messages=alpaca_to_messages(r)) for r in recs])
     return DatasetDict(out)
 
-# %% ../nbs/07_sft.ipynb #fb4c05ac
+# %% ../nbs/07_sft.ipynb #d70b712d
 END_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # end of an assistant turn: ours, ChatML, Llama 3, Gemma
 
 def smollm2_file() -> Path:
@@ -375,7 +375,7 @@ def stop_token_ids(tok) -> list[int]:
     "Generation stops on the end-of-turn token and on end of sequence."
     return list(dict.fromkeys(i for i in (tok.convert_tokens_to_ids(end_token(tok)), tok.eos_token_id) if i is not None))
 
-# %% ../nbs/07_sft.ipynb #5f6039bc
+# %% ../nbs/07_sft.ipynb #97c4a5cc
 @torch.no_grad()
 def complete(model, tok, texts:list[str], max_new_tokens:int=24, eval_batch_size:int=64, do_sample:bool=False,
              temperature:float=1.0, eos_token_id=None) -> list[str]:
@@ -402,7 +402,7 @@ def exact_match(model, tok, ds:Dataset, max_new_tokens:int=24, eval_batch_size:i
     per_task = {t: round(float(np.mean([r for r, u in zip(right, ds["task"]) if u == t])), 4) for t in dict.fromkeys(ds["task"])}
     return dict(accuracy=round(float(np.mean(list(per_task.values()))), 4), per_task=per_task, answers=answers)
 
-# %% ../nbs/07_sft.ipynb #141a5c42
+# %% ../nbs/07_sft.ipynb #3d1f5c9e
 def augment_prompt(seeds:list[dict]) -> str:
     "A few-shot prompt: the seed examples in the Instruction/Input/Output form, then the start of a new one."
     shots = "".join(f"Instruction: {s['instruction']}\nInput: {s['input']}\nOutput: {s['output']}\n\n" for s in seeds)
@@ -413,7 +413,7 @@ def parse_generated(text:str) -> dict|None:
     m = re.match(r"\s*(.*?)\nInput:(.*?)\nOutput:(.*?)(?:\n\n|\nInstruction:|$)", text, re.S)
     return dict(instruction=m[1].strip(), input=m[2].strip(), output=m[3].strip()) if m else None
 
-# %% ../nbs/07_sft.ipynb #41140a29
+# %% ../nbs/07_sft.ipynb #895f858a
 class Reviewer:
     "Reviews generated examples: form, validity, length, duplicates (exact and MinHash), right answer."
     def __init__(self, existing:list[dict], tok=None, max_tokens:int|None=None, jaccard:float=0.7, num_perm:int=64):
@@ -442,7 +442,7 @@ class Reviewer:
         if verdict: return verdict, None
         self.add(e); return "kept", e
 
-# %% ../nbs/07_sft.ipynb #6b5ea3fb
+# %% ../nbs/07_sft.ipynb #59598b21
 def augment(model, tok, train:list[dict],  # the model that writes, its tokenizer, the training examples (Alpaca records)
             n:int=32,  # examples to ask for, over two rounds
             shots:int=2,  # seed examples per prompt
@@ -470,8 +470,8 @@ def augment(model, tok, train:list[dict],  # the model that writes, its tokenize
             if verdict == "corrected": fixed[name] = e
     return accepted, rows
 
-# %% ../nbs/07_sft.ipynb #5fd06bb3
-def sft_config(output_dir, max_steps:int=500, batch_size:int=16, lr:float=3e-3, warmup_steps:int=20, weight_decay:float=0.0,
+# %% ../nbs/07_sft.ipynb #4c99e7cc
+def sft_config(output_dir, max_steps:int=800, batch_size:int=16, lr:float=3e-3, warmup_steps:int=20, weight_decay:float=0.0,
                packing:bool=False, max_length:int=128, seed:int=0, device="cpu", progress:bool=True, **kw):
     "TRL's `SFTConfig` for our runs: loss on the assistant's tokens, cosine schedule, bf16 on a GPU that has it, no checkpoints."
     from trl import SFTConfig
@@ -501,7 +501,7 @@ def sft_trainer(model, tok, train:Dataset, config):
     with quiet_hf():
         return quiet_trainer(SFTTrainer(model=model, args=config, train_dataset=train.select_columns(["messages"]), processing_class=tok))
 
-# %% ../nbs/07_sft.ipynb #df17fde3
+# %% ../nbs/07_sft.ipynb #dbbf2d6c
 def trainable_parameters(model) -> tuple[int, int]:
     "`(trainable, total)` parameter counts of `model`."
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
@@ -545,7 +545,7 @@ def train_classifier(model_dir, data:DatasetDict, labels:list, last_n:int|None, 
     return dict(accuracy=round(float((pred.predictions.argmax(-1) == pred.label_ids).mean()), 4), trainable=trainable,
                 total=total, seconds=round(seconds, 2))
 
-# %% ../nbs/07_sft.ipynb #72875dfe
+# %% ../nbs/07_sft.ipynb #6c2ec0fc
 def instruction_data(run:StageRun, progress:bool=True) -> tuple[DatasetDict, list[dict]]:
     "The stage's instruction data (`data`, else generated tasks), with the augmented examples added to `train`; and the review of every augmentation attempt."
     if run["data"]:
