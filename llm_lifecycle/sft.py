@@ -15,12 +15,12 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/sft.html.md"""
 
 # %% auto #0
 __all__ = ['SHAREGPT_ROLES', 'WORDS', 'NAMES', 'UNITS', 'SENTENCES', 'TASKS', 'SYSTEM_PROMPTS', 'ALL_TASKS', 'END_TOKENS',
-           'CHATML_TURN', 'quiet_hf', 'BadInstructions', 'alpaca_problems', 'messages_problems', 'alpaca_to_messages',
+           'CHATML_TURN', 'BadInstructions', 'alpaca_problems', 'messages_problems', 'alpaca_to_messages',
            'to_messages', 'read_instructions', 'Task', 'template_values', 'docstring_entries', 'stable_split',
-           'corpus_tasks', 'task_example', 'normalize_answer', 'check_answer', 'make_instructions', 'smollm2_file',
-           'model_source', 'load_chat_model', 'add_generation_block', 'end_token', 'stop_token_ids', 'complete',
-           'chat_prompts', 'exact_match', 'augment_prompt', 'parse_generated', 'Reviewer', 'augment', 'sft_config',
-           'quiet_trainer', 'sft_trainer', 'trainable_parameters', 'docstring_classes', 'freeze_but_last',
+           'corpus_tasks', 'task_example', 'normalize_answer', 'check_answer', 'make_instructions', 'quiet_hf',
+           'smollm2_file', 'model_source', 'load_chat_model', 'add_generation_block', 'end_token', 'stop_token_ids',
+           'complete', 'chat_prompts', 'exact_match', 'augment_prompt', 'parse_generated', 'Reviewer', 'augment',
+           'sft_config', 'quiet_trainer', 'sft_trainer', 'trainable_parameters', 'docstring_classes', 'freeze_but_last',
            'train_classifier', 'instruction_data', 'run_sft']
 
 # %% ../nbs/07_sft.ipynb #42fa56b4
@@ -39,17 +39,6 @@ from .core import StageRun, atomic_dir, main_process, save_metrics, seed_everyth
 from .data import BadInput, _records, minhash, minhash_permutations, shingles
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # PEFT imports it; on CPU it warns about an optional kernel package
-
-@contextmanager
-def quiet_hf():
-    "No progress bars from `datasets` and `transformers` inside (tokenizing maps, saving, loading weights); restored after."
-    import datasets, transformers.utils.logging as tl
-    ds_on, tf_on = datasets.is_progress_bar_enabled(), tl.is_progress_bar_enabled()
-    datasets.disable_progress_bars(); tl.disable_progress_bar()
-    try: yield
-    finally:
-        if ds_on: datasets.enable_progress_bars()
-        if tf_on: tl.enable_progress_bar()
 
 # %% ../nbs/07_sft.ipynb #ae0f3d56
 class BadInstructions(ValueError):
@@ -320,6 +309,18 @@ def make_instructions(entries:list,  # `docstring_entries` of the corpus, for th
         rng.shuffle(recs)
         out[split] = Dataset.from_list([dict(r, messages=alpaca_to_messages(r)) for r in recs])
     return DatasetDict(out)
+
+# %% ../nbs/07_sft.ipynb #1a52d38a
+@contextmanager
+def quiet_hf():
+    "No progress bars from `datasets` and `transformers` inside (tokenizing maps, saving, loading weights); restored after."
+    import datasets, transformers.utils.logging as tl
+    ds_on, tf_on = datasets.is_progress_bar_enabled(), tl.is_progress_bar_enabled()
+    datasets.disable_progress_bars(); tl.disable_progress_bar()
+    try: yield
+    finally:
+        if ds_on: datasets.enable_progress_bars()
+        if tf_on: tl.enable_progress_bar()
 
 # %% ../nbs/07_sft.ipynb #d70b712d
 END_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # end of an assistant turn: ours, ChatML, Llama 3, Gemma

@@ -34,7 +34,7 @@ def test_tiny_run_comparison(tiny_run):
     assert set(rows) == {"base", "full", "last_layers", *lora, "qlora", "prompt_tuning", "p_tuning"}
     main = lora[0]
     assert r[f"{main}_test_em"] >= r["base_test_em"]  # exact match: a handful of 240 on tiny; the answer loss below is the margin
-    assert rows["full"]["answer_nll"] < rows[main]["answer_nll"] < rows["base"]["answer_nll"]
+    assert rows["full"]["answer_nll"] < rows[main]["answer_nll"] < rows["base"]["answer_nll"] - 2  # LoRA beats the untuned model
     base = AutoModelForCausalLM.from_pretrained(tiny_run/"base")
     total = sum(p.numel() for p in base.parameters())
     proj = [mod for n, mod in base.named_modules() if n.split(".")[-1] in LORA_TARGETS]
