@@ -99,8 +99,8 @@ PRESETS = {
         "peft_tuning": dict(methods=["full", "last_layers", "lora", "qlora", "prompt_tuning", "p_tuning"], max_steps=100,
                             batch_size=8, lr=5e-3, last_n=1, lora_ranks=[8, 2], lora_alpha=16, lora_lr=1e-2, prompt_tokens=8,
                             prompt_lr=3e-2, max_new_tokens=24),
-        "reward": dict(prefs=None, n_prompts=1200, samples_per_prompt=6, temperature=1.2, margin=0.25, max_new_tokens=24,
-                       max_steps=250, batch_size=16, lr=2e-4),
+        "reward": dict(prefs=None, n_prompts=2400, samples_per_prompt=6, temperature=1.2, margin=0.25, max_new_tokens=24,
+                       max_steps=400, batch_size=16, lr=2e-4),
     },
     "cpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=2),
@@ -113,7 +113,7 @@ PRESETS = {
         "generation": dict(max_new_tokens=64, n_samples=8),
         "sft": dict(tasks=None, augment_model="smollm2", augment_n=64, candidates=["base", "smollm2"], train_per_task=1000,
                     max_steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, max_new_tokens=32, cls_steps=300),
-        "reward": dict(n_prompts=2400, samples_per_prompt=8, max_new_tokens=32, max_steps=600, batch_size=32, lr=1e-4),
+        "reward": dict(n_prompts=4800, samples_per_prompt=8, max_new_tokens=32, max_steps=600, batch_size=32, lr=1e-4),
     },
     "gpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=8),

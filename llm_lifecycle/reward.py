@@ -163,7 +163,7 @@ def bradley_terry_loss(r_chosen:torch.Tensor, r_rejected:torch.Tensor) -> torch.
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 # %% ../nbs/09_reward.ipynb #95824edf
-def reward_config(output_dir, max_steps:int=250, batch_size:int=16, lr:float=2e-4, max_length:int=128, seed:int=0,
+def reward_config(output_dir, max_steps:int=400, batch_size:int=16, lr:float=2e-4, max_length:int=128, seed:int=0,
                   device="cpu", progress:bool=True):
     "TRL's `RewardConfig` for our runs: cosine schedule, bf16 on a GPU that has it, no checkpoints, no centring term."
     from trl import RewardConfig
