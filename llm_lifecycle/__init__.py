@@ -11,6 +11,7 @@ Modules:
 - `llm_lifecycle.peft_tuning`: LoRA written out and checked against PEFT, QLoRA's 4-bit NormalFloat from scratch and bit for bit against bitsandbytes, prompt tuning and P-tuning, and one table that compares them with full and last-layer fine-tuning on the same data and steps.
 - `llm_lifecycle.pretrain`: Causal-LM pretraining in one readable loop, measured in bits per byte, resumed exactly, scaled out with Accelerate.
 - `llm_lifecycle.reward`: Preference pairs sampled from the SFT model and ranked by a simulated annotator, loaders and a validator for real preference data, and a reward model trained with the Bradley–Terry loss, written out and checked against TRL's `RewardTrainer`.
+- `llm_lifecycle.rlhf`: PPO written out on our own transformer and generation code, DPO and GRPO with TRL, best-of-N as the baseline, all judged by the simulated annotator of stage 09 on the same held-out prompts, and what happens when a policy optimises a reward model that is only a proxy.
 - `llm_lifecycle.sft`: Alpaca, ShareGPT and chat-message data with a validator, checkable tasks made by the project, data augmentation, supervised fine-tuning with TRL's `SFTTrainer` on the assistant's tokens only, and retraining the last layers for a classification task.
 - `llm_lifecycle.tokenizer`: Byte-level BPE from scratch, then trained with `tokenizers`, compared with SentencePiece, wrapped for `transformers`."""
 

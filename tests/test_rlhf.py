@@ -1,0 +1,104 @@
+"Stage 10: PPO's pieces on hand-computed cases, and the KL penalty holding the policy at the reference."
+import json, subprocess, sys
+
+import pytest
+import torch
+
+
+from llm_lifecycle.rlhf import clipped_policy_loss, clipped_value_loss, gae, pack, token_logprobs, whiten
+
+
+def test_gae_on_a_three_step_episode():
+    # rewards 0, 0, 1; values 0.5, 0.6, 0.7; γ = 1, λ = 0.95. By hand:
+    # δ2 = 1 − 0.7 = 0.3                      A2 = 0.3
+    # δ1 = 0 + 0.7 − 0.6 = 0.1                A1 = 0.1 + 0.95·0.3 = 0.385
+    # δ0 = 0 + 0.6 − 0.5 = 0.1                A0 = 0.1 + 0.95·0.385 = 0.46575
+    r, v, m = torch.tensor([[0.0, 0, 1]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3)
+    adv, ret = gae(r, v, m, gamma=1.0, lam=0.95)
+    torch.testing.assert_close(adv, torch.tensor([[0.46575, 0.385, 0.3]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.96575, 0.985, 1.0]]))
+
+
+def test_gae_ends_each_row_at_its_last_token():
+    "A padded row's episode ends at its last real token: what follows (padding) adds nothing, and γ < 1 discounts."
+    r = torch.tensor([[0.0, 0, 1], [0.0, 2, 9]])  # row 2 has 2 tokens; its 9 is padding
+    v = torch.tensor([[0.0, 0, 0], [0.0, 0, 5]])
+    m = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    adv, _ = gae(r, v, m, gamma=0.5, lam=1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.25, 0.5, 1.0], [1.0, 2.0, 0.0]]))
+
+
+@pytest.mark.parametrize("adv,ratio,loss,clipped,grad", [
+    (1.0, 1.1, -1.1, False, -1.0),   # inside the range: the plain surrogate −A·r, gradient −A
+    (1.0, 1.5, -1.2, True, 0.0),     # A > 0, r above 1 + ε: capped at (1 + ε)·A, no gradient to push it further
+    (1.0, 0.5, -0.5, False, -1.0),   # A > 0, r below 1 − ε: the pessimistic min keeps the unclipped term
+    (-1.0, 0.5, 0.8, True, 0.0),     # A < 0, r below 1 − ε: capped, no gradient
+    (-1.0, 1.5, 1.5, False, 1.0),    # A < 0, r above 1 + ε: unclipped, the gradient pulls r back
+])
+def test_clipped_objective_inside_and_outside_the_range(adv, ratio, loss, clipped, grad):
+    logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
+    out, frac = clipped_policy_loss(logp, torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1), clip=0.2)
+    out.backward()
+    assert out.item() == pytest.approx(loss) and frac.item() == float(clipped)
+    assert logp.grad.item() == pytest.approx(grad * ratio)  # d(−A·r)/d log r = −A·r
+
+
+def test_value_loss_clips_the_update_around_the_old_value():
+    old, ret, m = torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.ones(1, 1)
+    assert clipped_value_loss(torch.tensor([[0.1]]), old, ret, m, 0.2).item() == pytest.approx(0.5 * 0.9 ** 2)
+    # moved to 3.0: unclipped error (3 − 1)² = 4; clipped to 0.2, error 0.64; the max: 4
+    assert clipped_value_loss(torch.tensor([[3.0]]), old, ret, m, 0.2).item() == pytest.approx(0.5 * 4)
+    # moved to 0.9: unclipped 0.01, clipped (0.2 − 1)² = 0.64; the max keeps the pessimistic 0.64
+    assert clipped_value_loss(torch.tensor([[0.9]]), old, ret, m, 0.2).item() == pytest.approx(0.5 * 0.64)
+
+
+def test_whitening_ignores_padding():
+    x, m = torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(whiten(x, m), torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_response_tokens_are_read_from_the_logits_that_predict_them():
+    samples = [dict(query=[1, 2], response=[3, 4, 5]), dict(query=[1, 2, 3, 4], response=[6])]
+    ids, pos, mask = pack(samples, pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    logits = torch.randn(2, 5, 8)
+    lp = token_logprobs(logits, ids, pos)
+    want = torch.log_softmax(logits, -1)
+    assert lp[0].tolist() == pytest.approx([want[0, 1, 3].item(), want[0, 2, 4].item(), want[0, 3, 5].item()])
+    assert lp[1, 0].item() == pytest.approx(want[1, 3, 6].item())
+
+
+def test_a_huge_kl_coefficient_keeps_the_policy_at_the_reference(tiny_run):
+    "Same seed, same prompts: with β = 100 the policy's KL to the reference stays a small fraction of the β = 0 run's."
+    from datasets import Dataset
+    from llm_lifecycle.rlhf import ppo
+    from llm_lifecycle.sft import TASKS, make_instructions
+    ds = make_instructions([], ["count_words", "larger"], 200, 0, history_frac=0.0, system_frac=0.0, seed=2)["train"]
+    prompts = Dataset.from_dict(dict(prompt=[m[:-1] for m in ds["messages"]], task=ds["task"]))
+    kl = {b: ppo(tiny_run/"sft", tiny_run/"reward", prompts, TASKS, iterations=8, prompts_per_iter=8, lr=3e-4, kl_coef=b,
+                 progress=False)[1][-1]["kl"] for b in (0.0, 100.0)}
+    assert kl[0.0] > 0.2 and kl[100.0] < 0.2 * kl[0.0], kl
+
+
+@pytest.mark.parametrize("name", ["ppo", "dpo", "grpo", "grpo_gold"])
+def test_policies_are_plain_model_folders_that_stop(tiny_run, name):
+    "Each saved policy loads in a fresh process with transformers alone and ends its answers at <|end|>."
+    d = tiny_run/"rlhf"/name
+    code = f"""
+import json
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(d)!r}); m = AutoModelForCausalLM.from_pretrained({str(d)!r})
+tok.padding_side = "left"
+qs = ["How many words are in this text: red blue cat", "Which is larger, 12 or 40?", "Find the number: He paid 7 dollars."]
+enc = tok([tok.apply_chat_template([dict(role="user", content=q)], tokenize=False, add_generation_prompt=True) for q in qs],
+          return_tensors="pt", padding=True, add_special_tokens=False)
+out = m.generate(**enc, max_new_tokens=24, do_sample=False)[:, enc["input_ids"].shape[1]:]
+end = tok.convert_tokens_to_ids("<|end|>")
+print(json.dumps([end in row.tolist() for row in out]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [True, True, True]
+    m = json.loads((d/"metrics.json").read_text())
+    assert m["method"] == name and m["held_out"]["gold"] > 0 and m["history"]
