@@ -102,9 +102,9 @@ PRESETS = {
         "reward": dict(prefs=None, n_prompts=2400, samples_per_prompt=6, temperature=1.2, margin=0.25, max_new_tokens=24,
                        max_steps=400, batch_size=16, lr=2e-4),
         "rlhf": dict(tasks=["count_words", "extract_number", "larger"], n_prompts=3000, eval_per_task=60, eval_samples=8,
-                     max_new_tokens=24, best_of=[1, 2, 4, 8, 16], ppo_iterations=30, ppo_gold_iterations=60, prompts_per_iter=16,
-                     samples_per_prompt=4, ppo_lr=1e-4, kl_coef=0.05, ppo_epochs=2, dpo_steps=120, dpo_lr=1e-4, dpo_beta=0.1,
-                     batch_size=16, grpo_steps=120, grpo_lr=3e-4, grpo_beta=0.04),
+                     max_new_tokens=24, best_of=[1, 2, 4, 8, 16], ppo_iterations=20, ppo_gold_iterations=60, prompts_per_iter=16,
+                     samples_per_prompt=4, ppo_lr=1e-4, kl_coef=0.05, ppo_epochs=2, dpo_steps=80, dpo_lr=1e-4, dpo_beta=0.1,
+                     batch_size=16, grpo_steps=80, grpo_lr=3e-4, grpo_beta=0.04),
     },
     "cpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=2),

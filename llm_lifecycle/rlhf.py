@@ -364,8 +364,9 @@ def run_rlhf(run:StageRun, progress:bool=True) -> dict|None:
                   lr=run["ppo_lr"], kl_coef=run["kl_coef"], ppo_epochs=run["ppo_epochs"], seed=run.seed, device=dev, progress=progress)
     for name, reward, iters in (("ppo", "model", run["ppo_iterations"]), ("ppo_gold", "gold", run["ppo_gold_iterations"])):
         t0 = time.time()
-        curve = (lambda lm: judge(lm, greedy=False)) if reward == "model" else None  # the over-optimisation curve, held out
-        lm, history = ppo(sft, rdir, train, tasks, iterations=iters, reward=reward, eval_fn=curve, eval_every=max(1, iters // 6), **common)
+        curve = (lambda lm: evaluate_policy(lm, tok, ref, rm, rtok, held, tasks, max(1, run["eval_samples"] // 2), run["max_new_tokens"],
+                                            run.seed, greedy=False)) if reward == "model" else None  # the over-optimisation curve, held out
+        lm, history = ppo(sft, rdir, train, tasks, iterations=iters, reward=reward, eval_fn=curve, eval_every=max(1, iters // 5), **common)
         seconds = time.time() - t0
         table[name] = dict(judge(lm), seconds=round(seconds, 2)); details[f"{name}_history"] = history
         _save_policy(run, name, lambda d: save_hf(lm, d, tok) and None, table[name], history)
