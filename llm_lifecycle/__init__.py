@@ -3,6 +3,7 @@
 Modules:
 
 - `llm_lifecycle.cli`: Run the stage notebooks in order with papermill, with validated parameters, into one run directory.
+- `llm_lifecycle.constellation`: A router that sends each request to the model best at it, a judge that picks among several models' answers, a draft model that makes the target generate faster without changing a token, the model exported to ONNX Runtime with its KV cache, and the whole constellation on Ray Serve.
 - `llm_lifecycle.core`: Presets, the run directory, device choice, seeding and atomic artifact IO: what every stage shares.
 - `llm_lifecycle.data`: Collect raw documents, clean them step by step, remove duplicates and near-duplicates, and split them.
 - `llm_lifecycle.encoding`: Every split tokenized once into a flat array of ids on disk, and the loaders that cut windows out of it.

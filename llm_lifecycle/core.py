@@ -59,7 +59,7 @@ STAGES = [
     Stage("09", "reward", "The reward model", ("reward/metrics.json",), ("sft",), script="llm_lifecycle.reward:run_reward"),
     Stage("10", "rlhf", "RLHF: PPO, DPO, GRPO", ("rlhf/metrics.json",), ("sft", "reward"), script="llm_lifecycle.rlhf:run_rlhf"),
     Stage("11", "constellation", "Models working together", ("constellation/metrics.json",),
-          ("pretrain", "peft_tuning", "rlhf")),
+          ("pretrain", "peft_tuning", "rlhf"), script="llm_lifecycle.constellation:run_constellation"),
     Stage("12", "evaluation", "Evaluation and the report card", ("eval/metrics.json", "report.md"),
           ("pretrain", "sft", "peft_tuning", "rlhf")),
     Stage("13", "serving", "Serving and feedback", ("serving/metrics.json",), ("sft", "rlhf")),
@@ -105,6 +105,9 @@ PRESETS = {
                      max_new_tokens=24, best_of=[1, 2, 4, 8, 16], ppo_iterations=20, ppo_gold_iterations=60, prompts_per_iter=16,
                      samples_per_prompt=4, ppo_lr=1e-4, kl_coef=0.05, ppo_epochs=2, dpo_steps=80, dpo_lr=1e-4, dpo_beta=0.1,
                      batch_size=16, grpo_steps=80, grpo_lr=3e-4, grpo_beta=0.04),
+        "constellation": dict(models=None, engine="local", router_per_kind=200, router_steps=300, eval_per_kind=30, prefix_tokens=24,
+                              truth_tokens=16, max_new_tokens=24, draft_layers=None, distill_steps=100, distill_lr=3e-3, spec_k=[1, 2, 4],
+                              spec_prompts=8),
     },
     "cpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=2),
