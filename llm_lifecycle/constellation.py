@@ -331,7 +331,7 @@ class PromptLookup:
         return []
 
 @torch.no_grad()
-def speculative_generate(target:TransformerLM, draft, idx:torch.Tensor, k:int=4, max_new_tokens:int=32,
+def speculative_generate(target:TransformerLM, draft, idx:torch.Tensor, k:int=4, max_new_tokens:int=24,
                          eos_token_id=None) -> tuple[torch.Tensor, dict]:
     "Greedy decoding of `target` with proposals from `draft` (a `TransformerLM` or a proposer): `generate`'s tokens `(1, T + n)`, and counts."
     if idx.dim() != 2 or idx.size(0) != 1: raise ValueError(f"speculative decoding takes one prompt of shape (1, seq), got {tuple(idx.shape)}")
@@ -364,7 +364,7 @@ def set_assistant_k(draft_hf, k:int):
     return draft_hf
 
 @torch.no_grad()
-def hf_speculative(target_hf, idx:torch.Tensor, draft_hf=None, k:int=4, max_new_tokens:int=32, eos_token_id=None,
+def hf_speculative(target_hf, idx:torch.Tensor, draft_hf=None, k:int=4, max_new_tokens:int=24, eos_token_id=None,
                    pad_token_id:int=0) -> tuple[torch.Tensor, dict]:
     "`transformers`' assisted generation (`draft_hf`) or prompt lookup (`draft_hf=None`), greedy; the ids and our counts."
     calls = []
@@ -451,7 +451,7 @@ class OnnxLM:
         logits, *present = self.session.run(self.out_names, {"input_ids": ids, **dict(zip(self.past_names, cache))})
         return logits, present
 
-def onnx_generate(onnx_lm:OnnxLM, idx, max_new_tokens:int=32, eos_token_id=None, pad_token_id:int|None=None) -> torch.Tensor:
+def onnx_generate(onnx_lm:OnnxLM, idx, max_new_tokens:int=24, eos_token_id=None, pad_token_id:int|None=None) -> torch.Tensor:
     "Greedy continuation of each row of `idx` `(B, T)` with the cache, as `generate(model, idx, ...)`: `(B, T + n)`, stopped rows padded."
     ids = torch.as_tensor(idx, dtype=torch.long).cpu()
     ids = (ids[None] if ids.dim() == 1 else ids).numpy()
