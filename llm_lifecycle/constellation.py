@@ -21,12 +21,12 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/constellation.html.md"""
 # %% auto #0
 __all__ = ['CONTINUATION', 'QUIET_RAY', 'task_requests', 'continuation_requests', 'constellation_requests', 'load_member',
            'next_token_accuracy', 'Member', 'score_member', 'per_kind', 'constellation_models', 'route_table',
-           'last_token_states', 'train_head', 'train_router', 'classify', 'Constellation', 'routed_scores',
-           'judge_picks', 'draft_from_target', 'conversation_batches', 'kd_loss', 'distill', 'draft_agreement',
-           'crop_cache', 'DraftProposer', 'PromptLookup', 'speculative_generate', 'set_assistant_k', 'hf_speculative',
-           'acceptance', 'timed', 'kv_names', 'KVWrapper', 'export_onnx', 'OnnxLM', 'onnx_generate', 'OnnxMember',
-           'ModelServer', 'RouterServer', 'ray_app', 'RayConstellation', 'speculative_table', 'onnx_checks',
-           'run_constellation']
+           'last_token_states', 'train_head', 'train_router', 'classify', 'route_requests', 'Constellation',
+           'routed_scores', 'judge_picks', 'draft_from_target', 'conversation_batches', 'kd_loss', 'distill',
+           'draft_agreement', 'crop_cache', 'DraftProposer', 'PromptLookup', 'speculative_generate', 'set_assistant_k',
+           'hf_speculative', 'acceptance', 'timed', 'kv_names', 'KVWrapper', 'export_onnx', 'OnnxLM', 'onnx_generate',
+           'OnnxMember', 'ModelServer', 'RouterServer', 'ray_app', 'RayConstellation', 'speculative_table',
+           'onnx_checks', 'run_constellation']
 
 # %% ../nbs/11_constellation.ipynb #dc76734b
 import asyncio, dataclasses, logging, math, os, random, re, time, warnings
@@ -119,10 +119,10 @@ class Member:
 
     def __call__(self, requests:list[dict], kinds:list[str]) -> list[str]:
         "The answer to each request (`messages`, else `text` as one user turn) as a request of its kind in `kinds`."
-        out, chat = [None] * len(requests), [i for i, k in enumerate(kinds) if k != CONTINUATION]
-        for idx, answers in ((chat, self.chat([requests[i].get("messages") or [dict(role="user", content=requests[i]["text"])] for i in chat])),
-                             (cont := [i for i, k in enumerate(kinds) if k == CONTINUATION], self.continue_text([requests[i]["text"] for i in cont]))):
-            for i, a in zip(idx, answers): out[i] = a
+        out = [None] * len(requests)
+        chat, cont = [i for i, k in enumerate(kinds) if k != CONTINUATION], [i for i, k in enumerate(kinds) if k == CONTINUATION]
+        for i, a in zip(chat, self.chat([requests[i].get("messages") or [dict(role="user", content=requests[i]["text"])] for i in chat])): out[i] = a
+        for i, a in zip(cont, self.continue_text([requests[i]["text"] for i in cont])): out[i] = a
         return out
 
 def score_member(member:Member, requests:list[dict]) -> tuple[list[str], list[float]]:
@@ -196,6 +196,13 @@ def classify(clf, tok, texts:list[str], batch:int=64) -> list[str]:
     return out
 
 # %% ../nbs/11_constellation.ipynb #4126ebc8
+def route_requests(clf, tok, routes:dict, requests:list) -> tuple[list[dict], list[str], list[dict], dict]:
+    "The requests as dicts, the router's kind for each, the answers to fill (`kind`, `model`, `answer`), and each model's positions."
+    reqs = [dict(text=r) if isinstance(r, str) else r for r in requests]
+    kinds = classify(clf, tok, [r["text"] for r in reqs]) if reqs else []
+    out = [dict(kind=k, model=routes[k], answer=None) for k in kinds]
+    return reqs, kinds, out, {n: [i for i, o in enumerate(out) if o["model"] == n] for n in dict.fromkeys(o["model"] for o in out)}
+
 class Constellation:
     "Models behind a router, in this process: `answer(requests)` gives each request's kind, model and answer."
     def __init__(self, members:dict, router, routes:dict, run_dir=None, max_new_tokens:int=24, device="cpu"):
@@ -206,11 +213,8 @@ class Constellation:
 
     def answer(self, requests:list) -> list[dict]:
         "For each request (a text, or a dict with `text` and optional `messages`): its `kind`, `model` and `answer`."
-        reqs = [dict(text=r) if isinstance(r, str) else r for r in requests]
-        kinds = classify(self.clf, self.tok, [r["text"] for r in reqs]) if reqs else []
-        out = [dict(kind=k, model=self.routes[k], answer=None) for k in kinds]
-        for name in dict.fromkeys(o["model"] for o in out):
-            idx = [i for i, o in enumerate(out) if o["model"] == name]
+        reqs, kinds, out, groups = route_requests(self.clf, self.tok, self.routes, requests)
+        for name, idx in groups.items():
             for i, a in zip(idx, self.members[name]([reqs[i] for i in idx], [kinds[i] for i in idx])): out[i]["answer"] = a
         return out
 
@@ -479,10 +483,8 @@ class OnnxMember:
 
     def _run(self, text:str, chat:bool) -> str:
         ids = self.tok(text, add_special_tokens=False)["input_ids"][-(self.lm.max_seq_len - self.max_new_tokens):]
-        out = onnx_generate(self.lm, torch.tensor([ids]), self.max_new_tokens, eos_token_id=self.stops if chat else stop_token_ids(self.tok))
-        new = [t for t in out[0, len(ids):].tolist()]
-        new = new[:next((i + 1 for i, t in enumerate(new) if t in self.stops), len(new))]
-        a = self.tok.decode(new, skip_special_tokens=True)
+        out = onnx_generate(self.lm, torch.tensor([ids]), self.max_new_tokens, eos_token_id=self.stops)[0, len(ids):].tolist()
+        a = self.tok.decode(out[:next((i + 1 for i, t in enumerate(out) if t in self.stops), len(out))], skip_special_tokens=True)
         return a.strip() if chat else a
 
     def __call__(self, requests:list[dict], kinds:list[str]) -> list[str]:
@@ -509,10 +511,7 @@ class RouterServer:
         self.clf, self.tok = _load_router(router_dir)
 
     async def __call__(self, requests:list) -> list[dict]:
-        reqs = [dict(text=r) if isinstance(r, str) else r for r in requests]
-        kinds = classify(self.clf, self.tok, [r["text"] for r in reqs]) if reqs else []
-        out = [dict(kind=k, model=self.routes[k], answer=None) for k in kinds]
-        groups = {n: [i for i, o in enumerate(out) if o["model"] == n] for n in dict.fromkeys(o["model"] for o in out)}
+        reqs, kinds, out, groups = route_requests(self.clf, self.tok, self.routes, requests)
         calls = {n: self.members[n].remote([reqs[i] for i in idx], [kinds[i] for i in idx]) for n, idx in groups.items()}  # all at once
         for n, idx in groups.items():
             for i, a in zip(idx, await calls[n]): out[i]["answer"] = a
@@ -590,7 +589,8 @@ def speculative_table(target:TransformerLM, draft:TransformerLM, tok, prompts:li
 def onnx_checks(model:TransformerLM, tok, path, prompts:list[list[int]], max_new_tokens:int=24, repeats:int=3) -> dict:
     "Export `model` to `path` and compare ONNX Runtime with PyTorch: largest logit difference (prefill and cached steps), identical greedy tokens, ms per token."
     t0 = time.time(); export_onnx(model, path); export_s = time.time() - t0
-    lm, stops, threads = OnnxLM(path, torch.get_num_threads()), stop_token_ids(tok), torch.get_num_threads()
+    threads = torch.get_num_threads()
+    lm, stops = OnnxLM(path, threads), stop_token_ids(tok)
     ids = torch.tensor([prompts[0]])
     with torch.no_grad(): full = model(ids)[0].numpy()
     pre, cache, steps = *lm(ids[:, :-4]), []
