@@ -242,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
                "  llm-lifecycle run --from 05 -p pretrain.max_steps=60   a knob of one stage\n"
                "  llm-lifecycle knobs pretrain                 stage 05's knobs, their values and meanings\n"
                "  llm-lifecycle stages --run-dir runs/tiny     what exists, what is done, in how many seconds\n"
+               "  llm-lifecycle report --run-dir runs/tiny     the report card: runs/tiny/report.md\n"
                "  accelerate launch --multi_gpu --num_processes 8 --no_python llm-lifecycle stage pretrain --preset gpu")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)  # what `run` and `stage` both take
@@ -268,6 +269,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stages", help="list the stages, which are done in a run directory, and their seconds")
     s.add_argument("--run-dir", help="run directory to inspect (default: runs/<preset>)")
     s.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
+    rp = sub.add_parser("report", help="write report.md, the report card of a run, from every stage's metrics.json")
+    rp.add_argument("--run-dir", help="the run directory (default: runs/<preset>)")
+    rp.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
     k = sub.add_parser("knobs", help="list each stage's knobs: their value under each preset and what they mean")
     k.add_argument("stage", nargs="?", metavar="STAGE", help="only this stage (number or name)")
     return p
@@ -308,6 +312,12 @@ def main(argv=None) -> int:
             print(knobs_table([get_stage(args.stage)] if args.stage else None))
             return 0
         preset = resolve_preset(args.preset)
+        if args.command == "report":
+            from llm_lifecycle.evaluation import write_report
+            run_dir = resolve_run_dir(args.run_dir, preset)
+            if not (run_dir/"run.json").exists(): raise MissingInputError(f"{run_dir} holds no run (no run.json): make one with llm-lifecycle run")
+            print(f"wrote {write_report(run_dir)} and its figures in {run_dir/'report'}")
+            return 0
         if args.command == "stages":
             run_dir = resolve_run_dir(args.run_dir, preset)
             print(f"run dir: {run_dir}\n" + stages_table(run_dir) + "\n(done '-': the stage's notebook is not written yet)")

@@ -61,7 +61,7 @@ STAGES = [
     Stage("11", "constellation", "Models working together", ("constellation/metrics.json",),
           ("pretrain", "peft_tuning", "rlhf"), script="llm_lifecycle.constellation:run_constellation"),
     Stage("12", "evaluation", "Evaluation and the report card", ("eval/metrics.json", "report.md"),
-          ("pretrain", "sft", "peft_tuning", "rlhf")),
+          ("pretrain", "sft", "peft_tuning", "rlhf"), script="llm_lifecycle.evaluation:run_evaluation"),
     Stage("13", "serving", "Serving and feedback", ("serving/metrics.json",), ("sft", "rlhf")),
 ]
 
@@ -108,6 +108,8 @@ PRESETS = {
         "constellation": dict(models=None, engine="local", router_per_kind=200, router_steps=300, eval_per_kind=30, prefix_tokens=24,
                               truth_tokens=16, max_new_tokens=24, draft_layers=None, distill_steps=100, distill_lr=3e-3, spec_k=[1, 2, 4],
                               spec_prompts=8),
+        "evaluation": dict(models=None, max_new_tokens=24, eval_samples=None, bpb_docs=None, harness_models=["sft", "dpo"],
+                           harness_batch_size=64),
     },
     "cpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=2),
