@@ -108,7 +108,7 @@ PRESETS = {
         "constellation": dict(models=None, engine="local", router_per_kind=200, router_steps=300, eval_per_kind=30, prefix_tokens=24,
                               truth_tokens=16, max_new_tokens=24, draft_layers=None, distill_steps=100, distill_lr=3e-3, spec_k=[1, 2, 4],
                               spec_prompts=8),
-        "evaluation": dict(models=None, max_new_tokens=24, eval_samples=None, bpb_docs=None, harness_models=["sft", "dpo"],
+        "evaluation": dict(models=None, max_new_tokens=24, eval_samples=4, bpb_docs=None, harness_models=["sft", "dpo"],
                            harness_batch_size=64),
     },
     "cpu": {

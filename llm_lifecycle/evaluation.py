@@ -10,7 +10,7 @@ __all__ = ['METRICS', 'HARNESS_PREFIX', 'HARNESS_UTILS', 'REPORT_SECTIONS', 'Exa
            'harness_tasks', 'harness_accuracy', 'harness_model_args', 'fmt', 'md_table', 'report_text', 'write_report',
            'run_evaluation', 'check_bounds', 'bounds_failures']
 
-# %% ../nbs/12_evaluation.ipynb #2ec92b1e
+# %% ../nbs/12_evaluation.ipynb #ee9b4489
 import contextlib, io, json, logging, math, os, tempfile, time, warnings
 from collections import Counter
 from pathlib import Path
@@ -30,9 +30,9 @@ from .constellation import constellation_models, load_member
 from .model import from_hf_llama, load_hf
 from .reward import load_reward_model, sft_tasks
 from .rlhf import evaluate_policy, rlhf_prompts
-from .sft import exact_match, normalize_answer, quiet_hf
+from .sft import end_token, exact_match, normalize_answer, quiet_hf, stop_token_ids
 
-# %% ../nbs/12_evaluation.ipynb #a9132c60
+# %% ../nbs/12_evaluation.ipynb #bf6ea507
 class ExactMatch(evaluate.Metric):
     "The share of predictions equal to their reference, compared as stage 07 compares answers (whitespace collapsed, a final full stop dropped); `normalize=False`: the raw strings, as the hub's `exact_match` does by default."
     def _info(self):
@@ -43,7 +43,7 @@ class ExactMatch(evaluate.Metric):
         same = [(normalize_answer(p) == normalize_answer(r)) if normalize else p == r for p, r in zip(predictions, references)]
         return dict(exact_match=float(np.mean(same)) if same else 0.0)
 
-# %% ../nbs/12_evaluation.ipynb #8805189b
+# %% ../nbs/12_evaluation.ipynb #6ac81096
 class Chrf(evaluate.Metric):
     "Corpus chrF, the F-score of character n-grams (Popović 2015), 0 to 100, through `sacrebleu`, as the hub's `chrf` computes it for one reference per prediction."
     def _info(self):
@@ -55,7 +55,7 @@ class Chrf(evaluate.Metric):
         m = sacrebleu.metrics.CHRF(char_order=char_order, word_order=word_order, beta=beta)
         return dict(score=m.corpus_score(list(predictions), [list(references)]).score)
 
-# %% ../nbs/12_evaluation.ipynb #28d1eaeb
+# %% ../nbs/12_evaluation.ipynb #978b3ddf
 class Rouge(evaluate.Metric):
     "ROUGE F-measures (Lin 2004) through Google's `rouge_score`, averaged over the predictions, as the hub's `rouge` computes them: rouge1, rouge2 and rougeL by default."
     def _info(self):
@@ -68,7 +68,7 @@ class Rouge(evaluate.Metric):
         scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
         return {t: float(np.mean([s[t].fmeasure for s in scores])) if scores else 0.0 for t in rouge_types}
 
-# %% ../nbs/12_evaluation.ipynb #bfb5070c
+# %% ../nbs/12_evaluation.ipynb #eb213a07
 METRICS = {"exact_match": ExactMatch, "chrf": Chrf, "rouge": Rouge}  # our modules, by the name of the hub's module that computes the same
 
 def metric_module(name:str, folder) -> Path:
@@ -92,7 +92,7 @@ def text_metrics(predictions:list[str], references:list[str], metrics:dict|None=
     return dict(exact_match=round(metrics["exact_match"].compute(**kw)["exact_match"], 4), chrf=round(metrics["chrf"].compute(**kw)["score"], 2),
                 rouge_l=round(metrics["rouge"].compute(**kw, rouge_types=["rougeL"])["rougeL"], 4))
 
-# %% ../nbs/12_evaluation.ipynb #fbe5737d
+# %% ../nbs/12_evaluation.ipynb #099102a1
 @torch.no_grad()
 def text_bits_per_byte(model, tok, texts:list[str], start_id:int|None=None, window:int|None=None, batch:int=32) -> dict:
     "Bits per UTF-8 byte of `texts` under a causal LM, every token scored once: each text after `start_id`, in windows of the model's context; bits, bytes, tokens."
@@ -117,7 +117,7 @@ def text_bits_per_byte(model, tok, texts:list[str], start_id:int|None=None, wind
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return dict(bpb=nll / math.log(2) / n_bytes, nats_per_token=nll / n, tokens=n, bytes=n_bytes)
 
-# %% ../nbs/12_evaluation.ipynb #be014dd1
+# %% ../nbs/12_evaluation.ipynb #30eaa6d6
 def judge_context(run:StageRun) -> dict:
     "What the gold-reward, reward-model and KL columns need, as stage 10 judged: its held-out prompts and samples per prompt, the SFT model, the reward model."
     rl = load_metrics(run.run_dir, "rlhf")
@@ -149,7 +149,7 @@ def evaluate_model(model, tok, test:Dataset, texts:list[str], ctx:dict, metrics:
     row["seconds"] = round(time.time() - t0, 2)
     return row, em["answers"]
 
-# %% ../nbs/12_evaluation.ipynb #c9b72e1d
+# %% ../nbs/12_evaluation.ipynb #b9f2914e
 HARNESS_PREFIX = "llm_lifecycle_"  # our tasks' names in lm-evaluation-harness
 
 HARNESS_UTILS = '''"Scoring of the llm-lifecycle tasks: exact match as stage 07 compares answers."
@@ -171,7 +171,7 @@ def harness_tasks(test:Dataset, tok, out_dir, max_new_tokens:int=24) -> list[str
         atomic_write(data, "".join(json.dumps(r) + "\n" for r in rows))
         cfg = dict(task=HARNESS_PREFIX + task, dataset_path="json", dataset_kwargs=dict(data_files=dict(test=str(data.resolve()))),
                    test_split="test", output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{answer}}",
-                   generation_kwargs=dict(until=[tok.eos_token], do_sample=False, max_gen_toks=max_new_tokens),
+                   generation_kwargs=dict(until=[end_token(tok)], do_sample=False, max_gen_toks=max_new_tokens, eos_token_id=stop_token_ids(tok)),
                    metric_list=[dict(metric="exact_match", aggregation="mean", higher_is_better=True)])
         atomic_write(out_dir/f"{task}.yaml", _yaml(cfg))
         names.append(task)
@@ -198,7 +198,7 @@ def harness_model_args(path, run_dir) -> dict:
     if (path/"adapter_config.json").exists(): return dict(pretrained=str(Path(run_dir)/"base"), peft=str(path), tokenizer=str(path))
     return dict(pretrained=str(path))
 
-# %% ../nbs/12_evaluation.ipynb #bcd89a68
+# %% ../nbs/12_evaluation.ipynb #246b6bc1
 def fmt(v) -> str:
     "A number as a report shows it: integers with thousands separators, floats to 4 significant digits; anything else as text."
     if isinstance(v, bool) or v is None: return "" if v is None else ("yes" if v else "no")
@@ -220,7 +220,7 @@ def _figure(path, draw, size=(6.4, 3.4)) -> str:
     fig.savefig(path, dpi=110)
     return Path(path).name
 
-# %% ../nbs/12_evaluation.ipynb #bcbcd4f5
+# %% ../nbs/12_evaluation.ipynb #9bbab955
 def _data(m, fig, run_dir):
     r, stats = m["results"], Path(run_dir)/"data"/"stats.json"
     funnel = load_json(stats)["funnel"] if stats.exists() else [dict(step="raw", docs=r["raw_docs"], bytes=r["raw_mb"] * 1e6)]
@@ -336,7 +336,7 @@ def _evaluation(m, fig, run_dir):
 REPORT_SECTIONS = {s.__name__[1:]: s for s in (_data, _tokenizer, _encoding, _model, _pretrain, _generation, _sft, _peft_tuning, _reward,
                                               _rlhf, _constellation, _evaluation)}
 
-# %% ../nbs/12_evaluation.ipynb #4c19d26c
+# %% ../nbs/12_evaluation.ipynb #6180d7e8
 def report_text(run_dir, fig_dir) -> str:
     "The report card of `run_dir` in Markdown, joined from every stage's `metrics.json`, its figures drawn into `fig_dir`."
     run_dir, fig_dir = Path(run_dir), Path(fig_dir)
@@ -373,7 +373,7 @@ def write_report(run_dir) -> Path:
     with atomic_dir(run_dir/"report") as d: text = report_text(run_dir, d)
     return atomic_write(run_dir/"report.md", text)
 
-# %% ../nbs/12_evaluation.ipynb #1757ed14
+# %% ../nbs/12_evaluation.ipynb #2d5e9379
 def run_evaluation(run:StageRun, progress:bool=True) -> dict|None:
     "Stage 12: every model of the run on one footing, lm-evaluation-harness on the same tasks as a cross-check; `eval/metrics.json`, then the report card."
     from tqdm.auto import tqdm
@@ -411,7 +411,7 @@ def run_evaluation(run:StageRun, progress:bool=True) -> dict|None:
     write_report(run.run_dir)
     return m
 
-# %% ../nbs/12_evaluation.ipynb #e4ca8684
+# %% ../nbs/12_evaluation.ipynb #301dbf6e
 def check_bounds(run_dir, bounds:dict) -> list[dict]:
     "Each bound (`{'stage.result': {'min': a, 'max': b, 'why': text}}`) against the run's number: key, bounds, value, whether it holds."
     rows, cache = [], {}
