@@ -11,6 +11,7 @@ llm-lifecycle run --to 03 -p vocab_size=4096     # stages 01..03 with a bigger v
 llm-lifecycle run -p pretrain.lr=3e-3            # a knob of one stage (several stages have an lr)
 llm-lifecycle knobs pretrain                     # stage 05's knobs under each preset, and what they mean
 llm-lifecycle stages --run-dir runs/tiny         # which stages exist, which are done, in how many seconds
+llm-lifecycle report --run-dir runs/tiny         # the report card of a run (stage 12 writes it too)
 llm-lifecycle stage pretrain --preset gpu        # a stage's artifact without its notebook, for launchers
 ```
 
