@@ -230,6 +230,9 @@ def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRE
         _record_seconds(run_dir, s, time.perf_counter() - t0)
         log(f"      done in {time.perf_counter() - t0:.0f} s -> {out}")
         for w in (load_metrics(run_dir, s).get("warnings", []) if stage_done(run_dir, s) else []): log(f"      warning: {w}")
+    if stages and stages[-1].num > "12" and (run_dir/"report.md").exists():  # stage 12 wrote the report card; what ran after it joins it
+        from llm_lifecycle.evaluation import write_report
+        log(f"report card: {write_report(run_dir)}")
     log("\n" + seconds_table(run_dir, stages))
     return run_dir
 
@@ -270,6 +273,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stages", help="list the stages, which are done in a run directory, and their seconds")
     s.add_argument("--run-dir", help="run directory to inspect (default: runs/<preset>)")
     s.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
+    sv = sub.add_parser("serve", help="serve the run's chat models over an OpenAI-compatible API, with a chat page that collects ratings")
+    sv.add_argument("--run-dir", help="the run directory (default: runs/<preset>)")
+    sv.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
+    sv.add_argument("--model", action="append", metavar="MODEL", help="sft, base, an RLHF method (ppo, dpo, grpo, ...) or a model folder; "
+                    "repeatable (default: SFT and every RLHF policy of the run)")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="auto")
+    fb = sub.add_parser("feedback", help="what users said: `feedback export` writes it as preference pairs for stage 09")
+    fb.add_argument("action", choices=["export"])
+    fb.add_argument("--run-dir", help="the run directory (default: runs/<preset>)")
+    fb.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
     rp = sub.add_parser("report", help="write report.md, the report card of a run, from every stage's metrics.json")
     rp.add_argument("--run-dir", help="the run directory (default: runs/<preset>)")
     rp.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
@@ -313,6 +328,14 @@ def main(argv=None) -> int:
             print(knobs_table([get_stage(args.stage)] if args.stage else None))
             return 0
         preset = resolve_preset(args.preset)
+        if args.command == "serve":
+            from llm_lifecycle.serving import serve
+            return serve(resolve_run_dir(args.run_dir, preset), args.model, args.host, args.port, args.device)
+        if args.command == "feedback":
+            from llm_lifecycle.serving import export_feedback
+            path, counts = export_feedback(resolve_run_dir(args.run_dir, preset))
+            print(f"wrote {counts['pair']} preference pairs to {path}" + "".join(f"\n  not paired, {why}: {n}" for why, n in counts.items() if why != "pair"))
+            return 0
         if args.command == "report":
             from llm_lifecycle.evaluation import write_report
             run_dir = resolve_run_dir(args.run_dir, preset)

@@ -62,7 +62,7 @@ STAGES = [
           ("pretrain", "peft_tuning", "rlhf"), script="llm_lifecycle.constellation:run_constellation"),
     Stage("12", "evaluation", "Evaluation and the report card", ("eval/metrics.json", "report.md"),
           ("pretrain", "sft", "peft_tuning", "rlhf"), script="llm_lifecycle.evaluation:run_evaluation"),
-    Stage("13", "serving", "Serving and feedback", ("serving/metrics.json",), ("sft", "rlhf")),
+    Stage("13", "serving", "Serving and feedback", ("serving/metrics.json",), ("sft", "rlhf"), script="llm_lifecycle.serving:run_serving"),
 ]
 
 def get_stage(key:str) -> Stage:
@@ -110,6 +110,8 @@ PRESETS = {
                               spec_prompts=8),
         "evaluation": dict(models=None, max_new_tokens=24, eval_samples=4, bpb_docs=None, harness_models=["sft", "dpo"],
                            harness_batch_size=64),
+        "serving": dict(models=None, max_tokens=64, max_messages=32, blocklist=[], clients=[1, 4], requests_per_client=4, check_questions=4,
+                        feedback_questions=24, samples_per_question=2),
     },
     "cpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=2),

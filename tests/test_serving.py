@@ -1,0 +1,194 @@
+"""Stage 13: the official `openai` client chats with our server, streamed and not; bad requests get OpenAI-style 4xx errors;
+the stream filter never lets an e-mail address out in pieces; a client that goes away frees the engine; feedback committed
+before a SIGKILL is there after a restart; feedback becomes preference pairs stage 09 reads, with what made none counted."""
+import json, os, shutil, signal, socket, subprocess, sys, time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from openai import OpenAI
+
+from llm_lifecycle.generation import generate
+from llm_lifecycle.reward import read_preferences
+from llm_lifecycle.rlhf import prompt_ids
+from llm_lifecycle.serving import Engine, FeedbackStore, OutputFilter, Server, feedback_pairs, make_app
+
+CLI = "from llm_lifecycle.cli import main; raise SystemExit(main())"
+QUESTION = [{"role": "user", "content": "Tell me how many words there are: cloud black snow"}]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_run):
+    return {"sft": Engine(tiny_run/"sft", "sft"), "base": Engine(tiny_run/"base", "base")}
+
+
+@pytest.fixture(scope="module")
+def server(engines, tmp_path_factory):
+    store = FeedbackStore(tmp_path_factory.mktemp("feedback")/"feedback.db")
+    with Server(make_app(engines, store, OutputFilter(["snow"]), max_messages=4, max_tokens_cap=64)) as srv:
+        srv.store = store
+        yield srv
+
+
+def test_the_openai_client_chats_streamed_and_not(server, engines):
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["sft", "base"]
+    whole = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=16, temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    e = engines["sft"]
+    ids = prompt_ids(e.tok, QUESTION)
+    out = generate(e.lm, torch.tensor([ids]), 16, eos_token_id=e.stops)[0, len(ids):].tolist()
+    ours = e.tok.decode([t for t in out if t not in e.stops], skip_special_tokens=True)
+    assert whole.choices[0].message.content == streamed == ours  # the same greedy tokens as our generate, through HTTP
+    assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "stop"
+    assert whole.usage.prompt_tokens == len(ids) and whole.usage.completion_tokens == len(out)
+    assert chunks[0].choices[0].delta.role == "assistant" and len({c.id for c in chunks}) == 1
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (dict(model="nope", messages=QUESTION), 404, "model"),
+    (dict(messages=QUESTION), 400, "model"),
+    (dict(model="sft", messages=[]), 400, "messages"),
+    (dict(model="sft", messages=QUESTION * 5), 400, "messages"),
+    (dict(model="sft", messages=[{"role": "user", "content": "  "}]), 400, "messages[0].content"),
+    (dict(model="sft", messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role"),
+    (dict(model="sft", messages=QUESTION, max_tokens=0), 400, "max_tokens"),
+    (dict(model="sft", messages=QUESTION, max_tokens=65), 400, "max_tokens"),
+    (dict(model="sft", messages=QUESTION, max_tokens="8"), 400, "max_tokens"),
+    (dict(model="sft", messages=QUESTION, temperature=3), 400, "temperature"),
+    (dict(model="sft", messages=[{"role": "user", "content": "word " * 200}], max_tokens=64), 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body if isinstance(body, bytes) else json.dumps(body),
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_feedback_is_checked_and_stored(server):
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    cid = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=8, temperature=0).id
+    post = lambda **b: httpx.post(f"{server.url}/v1/feedback", json=b, timeout=30)
+    before = server.store.counts()["feedback"]
+    assert post(id=cid, rating=1).status_code == 200
+    assert post(id=cid, rating=-1, rewrite="3").status_code == 200
+    assert post(id="chatcmpl-none", rating=1).status_code == 404
+    assert post(id=cid, rating=2).json()["error"]["param"] == "rating"
+    assert post(id=cid, rating=True).status_code == 400  # a boolean is not a rating
+    assert server.store.counts()["feedback"] == before + 2
+
+
+EMAILS = st.from_regex(r"[a-z]{1,8}(\.[a-z]{1,6})?@[a-z]{2,8}\.(com|org|de)", fullmatch=True)
+WORDS = st.lists(st.sampled_from(["the", "mail", "is", "at", "or", "snow", "call", "555", "x.y", "@", "-", " "]), max_size=8).map(" ".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(before=WORDS, email=EMAILS, after=WORDS, cuts=st.lists(st.integers(1, 6), min_size=1, max_size=40))
+def test_a_split_email_never_leaks(before, email, after, cuts):
+    "However the answer is cut into pieces, what is sent is a prefix of the filtered whole, and no piece carries the address."
+    f = OutputFilter(["snow"])
+    text = f"{before} {email} {after}".strip()
+    pieces, i = [], 0
+    for c in cuts * 20:
+        if i >= len(text): break
+        pieces.append(text[i:i + c]); i += c
+    pieces.append(text[i:])
+    s, sent = f.stream(), ""
+    for p in pieces:
+        sent += s.feed(p)
+        assert f(text).startswith(sent) and email not in sent  # nothing sent is ever taken back, and the address never leaves
+    sent += s.close()
+    assert sent == f(text) and "<EMAIL>" in sent and "snow" not in sent.lower().split()
+
+
+def test_a_client_that_goes_away_frees_the_engine(tiny_run, tmp_path):
+    "A stream left after its first piece is cancelled at the next token (the base model never says <|end|>; here it takes 20 ms a token), and the next request is served."
+    slow = Engine(tiny_run/"base", "base")
+    forward = slow.lm.forward
+    slow.lm.forward = lambda *a, **k: (time.sleep(0.02), forward(*a, **k))[1]
+    with Server(make_app({"base": slow}, FeedbackStore(tmp_path/"f.db"))) as srv:
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", timeout=30,
+                          json=dict(model="base", messages=QUESTION, max_tokens=80, stream=True, temperature=0)) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line: break
+        t0 = time.time()
+        while not slow.served["cancelled"] and time.time() - t0 < 10: time.sleep(0.01)
+        assert slow.served == {"cancelled": 1} and time.time() - t0 < 1  # long before its 80 tokens (1.6 s)
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="base", messages=QUESTION, max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def _serve(run_dir, port):
+    p = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--run-dir", str(run_dir), "--model", "base", "--port", str(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200: return p
+        except httpx.TransportError: time.sleep(0.2)
+    p.kill(); raise RuntimeError(p.stdout.read().decode())
+
+
+def test_committed_feedback_survives_sigkill(tiny_run, tmp_path):
+    "Killed with SIGKILL while a stream runs and ratings arrive, the server loses none it acknowledged; it starts again on the same file."
+    import sqlite3, threading
+    run = tmp_path/"run"; run.mkdir()
+    shutil.copytree(tiny_run/"base", run/"base")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    p = _serve(run, port)
+    acked = []
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ids = [client.chat.completions.create(model="base", messages=QUESTION, max_tokens=4, temperature=0).id for _ in range(3)]
+        def rate():
+            for i in range(200):
+                try: r = httpx.post(f"{url}/v1/feedback", json=dict(id=ids[i % 3], rating=-1, rewrite=f"answer {i}"), timeout=5)
+                except httpx.TransportError: return
+                if r.status_code == 200: acked.append(i)
+        t = threading.Thread(target=rate); t.start()
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, json=dict(model="base", messages=QUESTION, max_tokens=100, stream=True)) as r:
+            next(r.iter_lines())
+            while len(acked) < 20: time.sleep(0.005)
+            p.send_signal(signal.SIGKILL); p.wait(10)
+        t.join(30)
+    finally:
+        if p.poll() is None: p.kill()
+    db = sqlite3.connect(run/"feedback"/"feedback.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    n_completions, n_feedback = (db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("completions", "feedback"))
+    kept = {int(w.split()[1]) for (w,) in db.execute("SELECT rewrite FROM feedback")}
+    db.close()
+    assert set(acked) <= kept and len(acked) >= 20 and n_feedback <= len(acked) + 1  # every acknowledged rating, at most the one in flight more
+    assert n_completions in (3, 4)  # the three answered; the killed stream's only if it had finished
+    p = _serve(run, port)
+    try:
+        assert httpx.post(f"{url}/v1/feedback", json=dict(id=ids[0], rating=1)).status_code == 200
+    finally:
+        p.kill(); p.wait(10)
+    out = subprocess.run([sys.executable, "-c", CLI, "feedback", "export", "--run-dir", str(run)], capture_output=True, text=True)
+    assert out.returncode == 0 and f"wrote {n_feedback} preference pairs" in out.stdout, out.stdout + out.stderr
+    assert len(read_preferences(run/"feedback"/"pairs.jsonl")) == n_feedback  # stage 09 reads them
+
+
+def test_feedback_pairs_and_what_made_none():
+    q1, q2, q3 = ([{"role": "user", "content": c}] for c in ("a?", "b?", "c?"))
+    rated = [dict(messages=q1, answer="x", rating=-1, rewrite="y"),  # a rewrite: y over x
+             dict(messages=q1, answer="y", rating=1, rewrite=None), dict(messages=q1, answer="z", rating=-1, rewrite=None),  # y over z
+             dict(messages=q2, answer="u", rating=1, rewrite=None),  # nothing to prefer it to
+             dict(messages=q3, answer="v", rating=-1, rewrite="v "),  # a rewrite that changes nothing
+             dict(messages=q3, answer="w", rating=-1, rewrite=None)]
+    pairs, why = feedback_pairs(rated)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["source"]) for p in pairs] == [("y", "x", "rewrite"), ("y", "z", "ratings")]
+    assert why == {"pair": 2, "rewrite equals the answer": 1, "up-rated, with no down-rated answer to the same conversation": 1,
+                   "down-rated, with no better answer to the same conversation": 2}
