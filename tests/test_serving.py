@@ -192,3 +192,59 @@ def test_feedback_pairs_and_what_made_none():
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["source"]) for p in pairs] == [("y", "x", "rewrite"), ("y", "z", "ratings")]
     assert why == {"pair": 2, "rewrite equals the answer": 1, "up-rated, with no down-rated answer to the same conversation": 1,
                    "down-rated, with no better answer to the same conversation": 2}
+
+
+def _chromium():
+    "Headless Chromium under Selenium, from Debian's chromium and chromium-driver (Selenium's own driver download needs the internet)."
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver): pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"): opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_a_browser_chats_streams_rates_and_rewrites(tiny_run, tmp_path):
+    "The chat page in a real browser: the answer grows as it streams, a down-rating with a rewrite is stored, and the export pairs it."
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    slow = Engine(tiny_run/"base", "base")  # the base model does not stop: 64 tokens, at 15 ms each, stream visibly
+    forward = slow.lm.forward
+    slow.lm.forward = lambda *a, **k: (time.sleep(0.015), forward(*a, **k))[1]
+    run = tmp_path/"run"
+    store = FeedbackStore(run/"feedback"/"feedback.db")
+    browser = _chromium()
+    try:
+        with Server(make_app({"base": slow}, store)) as srv:
+            browser.get(srv.url)
+            wait = WebDriverWait(browser, 30)
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))
+            browser.find_element(By.ID, "input").send_keys("Tell me about this module")
+            browser.find_element(By.ID, "send").click()
+            lengths = []
+            while not browser.find_elements(By.CSS_SELECTOR, ".assistant .rate"):
+                boxes = browser.find_elements(By.CSS_SELECTOR, ".assistant")
+                if boxes: lengths.append(len(boxes[-1].text))
+                time.sleep(0.05)
+                assert len(lengths) < 600, "no answer in 30 s"
+            grown = sorted(set(lengths))
+            assert len(grown) >= 3, grown  # the page showed the answer at three lengths at least: it streamed
+            answer = browser.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("data-id")
+            browser.find_element(By.CSS_SELECTOR, ".rate .down").click()
+            browser.find_element(By.CSS_SELECTOR, ".rate .rewrite").send_keys("A module of the standard library.")
+            browser.find_element(By.CSS_SELECTOR, ".rate .send-rewrite").click()
+            wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".rate").get_attribute("data-sent") == "recorded")
+            browser.save_screenshot(str(tmp_path/"chat.png"))
+    finally:
+        browser.quit()
+    store.close()
+    from llm_lifecycle.serving import export_feedback
+    path, counts = export_feedback(run)
+    pairs = [json.loads(l) for l in path.read_text().splitlines()]
+    assert counts["pair"] == 1 and pairs[0]["chosen"][0]["content"] == "A module of the standard library."
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "Tell me about this module"}] and answer.startswith("chatcmpl-")
+    assert (tmp_path/"chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shots = os.environ.get("LLM_LIFECYCLE_SCREENSHOTS")  # CI keeps the screenshot
+    if shots: Path(shots).mkdir(parents=True, exist_ok=True); shutil.copy(tmp_path/"chat.png", Path(shots)/"chat.png")
