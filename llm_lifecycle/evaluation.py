@@ -11,8 +11,7 @@ __all__ = ['METRICS', 'HARNESS_PREFIX', 'HARNESS_UTILS', 'REPORT_SECTIONS', 'Exa
            'run_evaluation', 'check_bounds', 'bounds_failures']
 
 # %% ../nbs/12_evaluation.ipynb #ee9b4489
-import contextlib, io, json, logging, math, os, tempfile, time, warnings
-from collections import Counter
+import contextlib, io, json, logging, math, tempfile, time
 from pathlib import Path
 
 import datasets
@@ -25,7 +24,7 @@ from datasets import Dataset, load_from_disk
 from rouge_score import rouge_scorer
 
 from .core import (STAGES, StageRun, atomic_dir, atomic_write, get_stage, load_json, load_metrics, main_process,
-                                metrics_path, project_root, save_json, save_metrics, seed_everything, stage_done)
+                                metrics_path, project_root, save_metrics, seed_everything)
 from .constellation import constellation_models, load_member
 from .model import from_hf_llama, load_hf
 from .reward import load_reward_model, sft_tasks
@@ -341,7 +340,7 @@ def report_text(run_dir, fig_dir) -> str:
     "The report card of `run_dir` in Markdown, joined from every stage's `metrics.json`, its figures drawn into `fig_dir`."
     run_dir, fig_dir = Path(run_dir), Path(fig_dir)
     info = load_json(run_dir/"run.json") if (run_dir/"run.json").exists() else {}
-    ran = {s.name: load_json(p) for s in STAGES if (p := run_dir/next(o for o in s.outputs if o.endswith("metrics.json"))).exists()}
+    ran = {s.name: load_json(p) for s in STAGES if (p := run_dir/metrics_path(s)).exists()}
     v = info.get("versions", {})
     out = [f"# Report card: {run_dir.name}\n",
            f"Run directory `{run_dir}`, preset `{info.get('preset', '?')}`, seed {info.get('seed', '?')}, device {info.get('device', '?')}, "
