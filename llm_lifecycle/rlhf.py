@@ -370,7 +370,8 @@ def run_rlhf(run:StageRun, progress:bool=True) -> dict|None:
         seconds = time.time() - t0
         table[name] = dict(judge(lm), seconds=round(seconds, 2)); details[f"{name}_history"] = history
         _save_policy(run, name, lambda d: save_hf(lm, d, tok) and None, table[name], history)
-    pairs = load_from_disk(str(run.path("prefs")))["train"].filter(lambda r: r["task"] in names)
+    pairs = load_from_disk(str(run.path("prefs")))["train"]  # sampled pairs of the stage's tasks, and every given pair (task "user")
+    pairs = pairs.filter(lambda r: r["task"] in names or r["task"] not in tasks)
     model, htok = load_chat_model(sft, device=dev); ref_hf, _ = load_chat_model(sft, device=dev)
     with tempfile.TemporaryDirectory() as out:
         trainer = dpo_trainer(model, ref_hf, htok, pairs, dpo_config(out, run["dpo_steps"], run["batch_size"], run["dpo_lr"], run["dpo_beta"],

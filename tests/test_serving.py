@@ -1,6 +1,7 @@
 """Stage 13: the official `openai` client chats with our server, streamed and not; bad requests get OpenAI-style 4xx errors;
 the stream filter never lets an e-mail address out in pieces; a client that goes away frees the engine; feedback committed
-before a SIGKILL is there after a restart; feedback becomes preference pairs stage 09 reads, with what made none counted."""
+before a SIGKILL is there after a restart; feedback becomes preference pairs stage 09 reads, with what made none counted;
+the round trip: ratings through the API, exported, train stages 09 and 10 again."""
 import json, os, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 
@@ -192,6 +193,56 @@ def test_feedback_pairs_and_what_made_none():
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["source"]) for p in pairs] == [("y", "x", "rewrite"), ("y", "z", "ratings")]
     assert why == {"pair": 2, "rewrite equals the answer": 1, "up-rated, with no down-rated answer to the same conversation": 1,
                    "down-rated, with no better answer to the same conversation": 2}
+
+
+ROUND = {"reward.prefs": "feedback", "reward.max_steps": 30, "rlhf.ppo_iterations": 2, "rlhf.ppo_gold_iterations": 2, "rlhf.dpo_steps": 8,
+         "rlhf.grpo_steps": 4, "rlhf.n_prompts": 120, "rlhf.eval_per_task": 8, "rlhf.eval_samples": 2, "rlhf.best_of": [1, 2]}
+
+
+def _margins(model_dir, tok, pairs) -> torch.Tensor:
+    "log π(chosen) − log π(rejected) of each pair, answers scored with their end-of-turn token, under the model in `model_dir`."
+    from llm_lifecycle.model import load_hf
+    from llm_lifecycle.rlhf import sequence_logprobs
+    from llm_lifecycle.sft import stop_token_ids
+    end = stop_token_ids(tok)[0]
+    seq = lambda p, a: dict(query=prompt_ids(tok, p), response=tok(a[-1]["content"], add_special_tokens=False)["input_ids"] + [end])
+    lm = load_hf(model_dir).eval()
+    lp = lambda key: sequence_logprobs(lm, [seq(p["prompt"], p[key]) for p in pairs], tok.pad_token_id)
+    return lp("chosen") - lp("rejected")
+
+
+def test_feedback_round_trip_into_the_next_alignment_round(tiny_run, tmp_path):
+    "Users' ratings through the API, exported, train the next round: stage 09's reward model and stage 10's DPO learn their preferences."
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+    from llm_lifecycle.cli import run_lifecycle
+    from llm_lifecycle.core import load_json
+    from llm_lifecycle.reward import load_reward_model, reward_scores
+    from llm_lifecycle.serving import simulated_feedback
+    run = tmp_path/"run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("feedback", "notebooks"))
+    ins = load_from_disk(str(run/"instruct"))["validation"].shuffle(seed=1).select(range(24))
+    store = FeedbackStore(run/"feedback"/"feedback.db")
+    with Server(make_app({"sft": Engine(run/"sft", "sft")}, store, OutputFilter([]), max_messages=8, max_tokens_cap=32)) as srv:
+        rated = simulated_feedback(srv.url, "sft", [m[:-1] for m in ins["messages"]], [m[-1]["content"] for m in ins["messages"]],
+                                   samples=2, rewrite_frac=0.75, max_tokens=32, seed=1)
+    store.close()
+    assert rated["up"] + rated["down"] == 48 and rated["rewrite"] >= 10
+    out = subprocess.run([sys.executable, "-c", CLI, "feedback", "export", "--run-dir", str(run)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    exported = read_preferences(run/"feedback"/"pairs.jsonl")
+    run_lifecycle("tiny", run, start="09", stop="10", params=ROUND, progress=False, log=lambda *a: None)
+    assert load_json(run/"run.json")["stages"]["reward"]["params"]["prefs"] == "feedback"
+    prefs = load_from_disk(str(run/"prefs"))
+    assert sorted(json.dumps(p, sort_keys=True) for p in [*prefs["train"], *prefs["test"]]) == \
+           sorted(json.dumps(p, sort_keys=True) for p in exported)  # every exported pair, and only those, in the next round
+    train = list(prefs["train"])
+    rm, rtok = load_reward_model(run/"reward")
+    score = lambda key: reward_scores(rm, rtok, [p["prompt"] for p in train], [p[key][-1]["content"] for p in train])
+    assert (score("chosen") > score("rejected")).mean() >= 0.75  # the new reward model learned the users' preferences
+    tok = AutoTokenizer.from_pretrained(run/"sft")
+    before, after = _margins(run/"sft", tok, train), _margins(run/"rlhf"/"dpo", tok, train)
+    assert (after - before).mean() > 0.5 and (after > before).float().mean() >= 0.8  # and DPO moved the policy their way
 
 
 def _chromium():
