@@ -285,7 +285,7 @@ def _reward(m, fig, run_dir):
 def _rlhf(m, fig, run_dir):
     d = m["details"]
     rows = [dict(method=k, **{c: v.get(c) for c in ("gold", "rm_score", "kl", "accuracy", "seconds")}) for k, v in d["table"].items()]
-    curve = [dict(iteration=h["iteration"], **h["held_out"]) for h in d.get("ppo_history", []) if h.get("held_out")]
+    curve = [dict(iteration=h["iteration"], **h["held_out"]) for h in d.get("ppo_overopt_history", d.get("ppo_history", [])) if h.get("held_out")]
     text = f"Held-out prompts of {', '.join(d['tasks'])}; gold is the simulated annotator's reward.\n\n" + md_table(rows)
     if curve:
         def draw(f):

@@ -134,11 +134,11 @@ def explained_variance(values:torch.Tensor, returns:torch.Tensor, mask:torch.Ten
     return float(1 - masked_mean((res - masked_mean(res, mask)) ** 2, mask) / var.clamp(min=1e-8))
 
 def ppo(policy_dir, reward_dir, prompts:Dataset, tasks:dict, iterations:int=40, prompts_per_iter:int=16, k:int=4,
-        max_new_tokens:int=24, lr:float=3e-4, kl_coef:float=0.05, ppo_epochs:int=2, minibatch:int=16, clip:float=0.2,
+        max_new_tokens:int=24, lr:float=3e-4, kl_coef:float=1.0, ppo_epochs:int=2, minibatch:int=16, clip:float=0.2,
         vf_coef:float=0.1, gamma:float=1.0, lam:float=0.95, temperature:float=1.0, seed:int=0, device="cpu",
         progress:bool=True, reward:str="model", detach_value:bool=False, target_kl:float|None=None, horizon:int=100,
-        eval_fn=None, eval_every:int=10) -> tuple[TransformerLM, list[dict]]:
-    "PPO on the `TransformerLM` in `policy_dir`: rollouts with our `generate`, reward `model` (the RM in `reward_dir`) or `gold` at the last token, a per-token KL penalty against the frozen reference, GAE, whitened advantages, clipped policy and value losses."
+        eval_fn=None, eval_every:int=10, kl_penalty:str="loss") -> tuple[TransformerLM, list[dict]]:
+    "PPO on the `TransformerLM` in `policy_dir`: rollouts with our `generate`, reward `model` (the RM in `reward_dir`) or `gold` at the last token, a per-token KL penalty against the frozen reference (`kl_penalty`: the exact KL in the `loss`, or the sampled one in the `reward`), GAE, whitened advantages, clipped policy and value losses."
     from tqdm.auto import tqdm
     torch.manual_seed(seed); gen = torch.Generator(device=device).manual_seed(seed)
     with quiet_hf():
@@ -160,14 +160,17 @@ def ppo(policy_dir, reward_dir, prompts:Dataset, tasks:dict, iterations:int=40, 
         with torch.no_grad():
             logits, values = ac(ids)
             old_logp, old_v = token_logprobs(logits, ids, pos), values.gather(1, pos)
-            ref_logp = token_logprobs(ref(ids)[0], ids, pos)
+            ref_logits = ref(ids)[0]
+            ref_logp = token_logprobs(ref_logits, ids, pos)
+            if kl_penalty == "loss":  # the reference's whole next-token distribution at each answer position
+                ref_lp = torch.log_softmax(ref_logits.float(), -1).gather(1, pos[..., None].expand(-1, -1, ref_logits.size(-1)))
             score = torch.tensor(reward_scores(rm, rtok, [s["prompt"] for s in samples], [s["text"] for s in samples]), device=device)
             gold = [gold_reward(tasks[t], s["prompt"][-1]["content"], s["text"], s["stopped"]) for s, t in zip(samples, task_of)]
             r_final = score if reward == "model" else torch.tensor(gold, device=device)
             if norm is None: norm = (r_final.mean(), r_final.std().clamp(min=1e-3))
             r_final = (r_final - norm[0]) / norm[1]
             kl = (old_logp - ref_logp) * mask
-            rewards = -kl_coef * kl
+            rewards = -kl_coef * kl if kl_penalty == "reward" else torch.zeros_like(kl)
             if target_kl:  # Ziegler et al. (2019): a proportional controller moves the coefficient toward the target KL
                 err = float(np.clip(kl.sum(1).mean().item() / target_kl - 1, -0.2, 0.2))
                 kl_coef *= 1 + err * len(samples) / (horizon * k)
@@ -183,10 +186,11 @@ def ppo(policy_dir, reward_dir, prompts:Dataset, tasks:dict, iterations:int=40, 
                 pg, clipfrac = clipped_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], clip)
                 vf = clipped_value_loss(v.gather(1, pos[mb]), old_v[mb], ret[mb], mask[mb], clip)
                 loss = pg + vf_coef * vf
+                lp = torch.log_softmax(logits.float(), -1).gather(1, pos[mb][..., None].expand(-1, -1, logits.size(-1)))
+                if kl_penalty == "loss":  # β · KL(π ‖ π_ref), exact over the vocabulary, at every answer token
+                    loss = loss + kl_coef * masked_mean((lp.exp() * (lp - ref_lp[mb])).sum(-1), mask[mb])
                 opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(ac.parameters(), 1.0); opt.step()
-                with torch.no_grad():
-                    lp = torch.log_softmax(logits.float(), -1).gather(1, pos[mb][..., None].expand(-1, -1, logits.size(-1)))
-                    ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
+                with torch.no_grad(): ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
                 stats.append([pg.item(), vf.item(), clipfrac.item(), ent.item()])
         pg, vf, cf, ent = np.mean(stats, 0)
         history.append(dict(iteration=it + 1, rm_score=round(score.mean().item(), 4), gold=round(float(np.mean(gold)), 4),
@@ -361,15 +365,19 @@ def run_rlhf(run:StageRun, progress:bool=True) -> dict|None:
     table[f"best_of_{pick['n']}"] = dict(gold=pick["gold"], rm_score=pick["rm_score"], kl=pick["kl_bound"], accuracy=None,
                                          length=None, seconds=round(time.time() - t0, 2))
     common = dict(prompts_per_iter=run["prompts_per_iter"], k=run["samples_per_prompt"], max_new_tokens=run["max_new_tokens"],
-                  lr=run["ppo_lr"], kl_coef=run["kl_coef"], ppo_epochs=run["ppo_epochs"], seed=run.seed, device=dev, progress=progress)
-    for name, reward, iters in (("ppo", "model", run["ppo_iterations"]), ("ppo_gold", "gold", run["ppo_gold_iterations"])):
-        t0 = time.time()
-        curve = (lambda lm: evaluate_policy(lm, tok, ref, rm, rtok, held, tasks, max(1, run["eval_samples"] // 2), run["max_new_tokens"],
-                                            run.seed, greedy=False)) if reward == "model" else None  # the over-optimisation curve, held out
-        lm, history = ppo(sft, rdir, train, tasks, iterations=iters, reward=reward, eval_fn=curve, eval_every=max(1, iters // 5), **common)
-        seconds = time.time() - t0
-        table[name] = dict(judge(lm), seconds=round(seconds, 2)); details[f"{name}_history"] = history
+                  lr=run["ppo_lr"], ppo_epochs=run["ppo_epochs"], seed=run.seed, device=dev, progress=progress)
+    for name, reward, iters, beta in (("ppo", "model", run["ppo_iterations"], run["kl_coef"]),
+                                      ("ppo_gold", "gold", run["ppo_gold_iterations"], run["gold_kl_coef"])):
+        t0 = time.time(); lm, history = ppo(sft, rdir, train, tasks, iterations=iters, reward=reward, kl_coef=beta, **common)
+        table[name] = dict(judge(lm), seconds=round(time.time() - t0, 2)); details[f"{name}_history"] = history
         _save_policy(run, name, lambda d: save_hf(lm, d, tok) and None, table[name], history)
+    if run["overopt_iterations"]:  # the reward model with a loose leash, judged on the held-out prompts as it goes
+        curve = lambda lm: evaluate_policy(lm, tok, ref, rm, rtok, held, tasks, max(1, run["eval_samples"] // 2), run["max_new_tokens"],
+                                           run.seed, greedy=False)
+        t0 = time.time()
+        lm, history = ppo(sft, rdir, train, tasks, iterations=run["overopt_iterations"], reward="model", kl_coef=run["overopt_kl_coef"],
+                          eval_fn=curve, eval_every=max(1, run["overopt_iterations"] // 5), **common)
+        table["ppo_overopt"] = dict(judge(lm), seconds=round(time.time() - t0, 2)); details["ppo_overopt_history"] = history
     pairs = load_from_disk(str(run.path("prefs")))["train"]  # sampled pairs of the stage's tasks, and every given pair (task "user")
     pairs = pairs.filter(lambda r: r["task"] in names or r["task"] not in tasks)
     model, htok = load_chat_model(sft, device=dev); ref_hf, _ = load_chat_model(sft, device=dev)
@@ -387,7 +395,7 @@ def run_rlhf(run:StageRun, progress:bool=True) -> dict|None:
         fs, w, toks = ([rm_fn, gold_fn], [1.0, 0.0], [rtok, None]) if funcs == "model" else ([gold_fn], None, None)  # gold logged, weight 0
         with tempfile.TemporaryDirectory() as out:
             cfg = grpo_config(out, run["grpo_steps"], max(1, run["prompts_per_iter"] // 2), run["samples_per_prompt"], run["grpo_lr"],
-                              run["grpo_beta"], run["max_new_tokens"], seed=run.seed, device=dev, progress=progress,
+                              run["grpo_beta"] if funcs == "model" else run["gold_kl_coef"], run["max_new_tokens"], seed=run.seed, device=dev, progress=progress,
                               logging_steps=max(1, run["grpo_steps"] // 12), **({"reward_weights": w} if w else {}))
             trainer = grpo_trainer(model, htok, train, fs, cfg, toks)
             t0 = time.time(); trainer.train(); seconds = time.time() - t0
@@ -398,5 +406,5 @@ def run_rlhf(run:StageRun, progress:bool=True) -> dict|None:
     results = {f"{m}_{k}": v for m, row in table.items() for k, v in row.items() if v is not None}
     details["table"] = table
     warnings = [f"{m} did not raise the held-out gold reward over SFT ({row['gold']:.3f} vs {table['sft']['gold']:.3f})"
-                for m, row in table.items() if m != "sft" and row["gold"] <= table["sft"]["gold"]]
+                for m, row in table.items() if m not in ("sft", "ppo_overopt") and row["gold"] <= table["sft"]["gold"]]
     return save_metrics(run, results, details, warnings)  # last: the stage is done

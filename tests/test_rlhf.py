@@ -69,12 +69,14 @@ def test_response_tokens_are_read_from_the_logits_that_predict_them():
     assert lp[1, 0].item() == pytest.approx(want[1, 3, 6].item())
 
 
-@pytest.mark.slow  # not robust: on one CI corpus β = 100 drifted further (KL 6.28) than β = 0 (2.51); see the docstring and issue 10
-def test_a_huge_kl_coefficient_holds_the_policy_nearer_the_reference(tiny_run):
-    """Same seed, same prompts: with β = 100 the policy's KL to the reference, measured on held-out prompts, stays below the
-    β = 0 run's (not the last iteration's own estimate: 32 samples, too noisy to compare). Not near zero: the first update is
-    the same for both (the KL is 0 before it), and the advantages are whitened, so later steps keep their size however
-    large β is, and their noise moves the policy too (KL 1.2–1.3 after 8 iterations at this learning rate)."""
+def test_a_huge_kl_coefficient_holds_the_policy_at_the_reference(tiny_run):
+    """Same seed, same prompts, the preset's learning rate, 16 iterations: with β = 100 the policy's KL to the reference,
+    measured on held-out prompts, stays near zero (0.03 on CI's corpus), while β = 0 drifts (0.64). The penalty is the exact
+    KL in the loss (the default): its gradient points back to the reference without sampling noise. Not exactly zero: Adam's
+    steps have the size of the learning rate whatever the gradient, so the policy jitters around the reference (at ten times
+    the learning rate, KL 0.71 against β = 0's 2.51). Put in the reward instead, as a one-sample estimate, the penalty did
+    not hold the policy at all (on one corpus β = 100 drifted to KL 6.28 against β = 0's 2.51): the advantages are whitened
+    and Adam normalises the step, so a larger β only makes the noisy estimate steer it."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from llm_lifecycle.model import load_hf
@@ -88,9 +90,9 @@ def test_a_huge_kl_coefficient_holds_the_policy_nearer_the_reference(tiny_run):
     def held_out_kl(lm):
         s = rollout(lm, tok, held, 4, 24, 1.0, torch.Generator().manual_seed(0))
         return (sequence_logprobs(lm, s, tok.pad_token_id) - sequence_logprobs(ref, s, tok.pad_token_id)).mean().item()
-    kl = {b: held_out_kl(ppo(tiny_run/"sft", tiny_run/"reward", prompts, TASKS, iterations=8, prompts_per_iter=8, lr=1e-3, kl_coef=b,
+    kl = {b: held_out_kl(ppo(tiny_run/"sft", tiny_run/"reward", prompts, TASKS, iterations=16, prompts_per_iter=8, lr=1e-4, kl_coef=b,
                              progress=False)[0]) for b in (0.0, 100.0)}
-    assert kl[0.0] > 1.0 and kl[100.0] < 0.8 * kl[0.0], kl
+    assert kl[0.0] > 0.3 and abs(kl[100.0]) < min(0.1, kl[0.0] / 5), kl
 
 
 @pytest.mark.parametrize("name", ["ppo", "dpo", "grpo", "grpo_gold"])
