@@ -195,7 +195,8 @@ def test_feedback_pairs_and_what_made_none():
                    "down-rated, with no better answer to the same conversation": 2}
 
 
-ROUND = {"reward.prefs": "feedback", "reward.max_steps": 30, "rlhf.ppo_iterations": 2, "rlhf.ppo_gold_iterations": 2, "rlhf.overopt_iterations": 0, "rlhf.dpo_steps": 8,
+ROUND = {"reward.prefs": "feedback", "reward.max_steps": 30, "rlhf.ppo_iterations": 2, "rlhf.ppo_gold_iterations": 2, "rlhf.overopt_iterations": 0,
+         "rlhf.dpo_steps": 8, "rlhf.dpo_lr": 1e-4,
          "rlhf.grpo_steps": 4, "rlhf.n_prompts": 120, "rlhf.eval_per_task": 8, "rlhf.eval_samples": 2, "rlhf.best_of": [1, 2]}
 
 
