@@ -59,7 +59,8 @@ class FilteredStream:
 
     def _release(self, upto:int) -> str:
         out = self.f(self.raw[:upto])
-        assert out.startswith(self.sent), "the filter released text it later changed"
+        if not out.startswith(self.sent):  # an invariant, checked under python -O too: what was sent cannot be taken back
+            raise RuntimeError(f"the output filter changed text it had already released: {self.sent!r} is not a prefix of {out!r}")
         new, self.sent = out[len(self.sent):], out
         return new
 
