@@ -185,10 +185,15 @@ def harness_accuracy(model_args:dict, task_dir, tasks:list[str], batch_size:int=
     import lm_eval
     from lm_eval.tasks import TaskManager
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    with quiet_hf(), contextlib.redirect_stderr(io.StringIO()):
-        res = lm_eval.simple_evaluate(model="hf", model_args=dict(dtype="float32", device=str(device), **model_args),
-                                      tasks=[HARNESS_PREFIX + t for t in tasks], task_manager=TaskManager(include_path=str(task_dir)),
-                                      batch_size=batch_size, verbosity="ERROR")
+    err = io.StringIO()  # the harness is chatty on stderr: kept out of the notebook, shown if it fails
+    try:
+        with quiet_hf(), contextlib.redirect_stderr(err):
+            res = lm_eval.simple_evaluate(model="hf", model_args=dict(dtype="float32", device=str(device), **model_args),
+                                          tasks=[HARNESS_PREFIX + t for t in tasks], task_manager=TaskManager(include_path=str(task_dir)),
+                                          batch_size=batch_size, verbosity="ERROR")
+    except Exception as e:
+        raise RuntimeError(f"lm-evaluation-harness failed on {model_args.get('pretrained')} ({', '.join(tasks)}): {e}\n"
+                           f"its stderr ended:\n{err.getvalue()[-3000:]}") from e
     return {t: round(res["results"][HARNESS_PREFIX + t]["exact_match,none"], 4) for t in tasks}
 
 def harness_model_args(path, run_dir) -> dict:

@@ -117,3 +117,9 @@ def test_a_worse_model_fails_the_bounds_with_a_readable_table(tiny_run, tmp_path
     assert "sft.sft_test_em" in msg and "not in [" in msg
     assert "constellation.router_accuracy" in msg and "missing" in msg
     assert "evaluation.sft_accuracy" not in msg  # only what moved
+
+
+def test_a_failing_harness_names_the_model_and_shows_what_it_printed(tmp_path):
+    with pytest.raises(RuntimeError, match=r"lm-evaluation-harness failed on \S*nowhere \(count_words\)") as e:
+        harness_accuracy(dict(pretrained=str(tmp_path/"nowhere")), tmp_path, ["count_words"])
+    assert "its stderr ended:" in str(e.value)
