@@ -85,7 +85,7 @@ def test_malformed_preferences_fail_the_stage_and_write_nothing(tiny_run, tmp_pa
     bad = tmp_path/"bad.jsonl"
     bad.write_text('{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}\n{"prompt": "Hi", "chosen": "Hello."}\n'
                    '{"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}\n')
-    r = subprocess.run([CLI, "run", "--run-dir", str(run), "--from", "09", "--to", "09", "-p", f"reward.prefs={bad}"],
+    r = subprocess.run([CLI, "run", "--preset", "tiny", "--run-dir", str(run), "--from", "09", "--to", "09", "-p", f"reward.prefs={bad}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1
     assert str(bad) in r.stderr and "record 2 (line 2), field 'rejected': missing" in r.stderr

@@ -123,7 +123,7 @@ def test_malformed_data_fails_the_stage_and_writes_nothing(tiny_run, tmp_path):
                                                                   "reward", "rlhf", "constellation", "eval", "serving"))
     bad = write(tmp_path/"bad.jsonl", '{"instruction": "Add.", "input": "2 and 3", "output": "5"}\n'
                                       '{"instruction": "Name a colour.", "output": 5}\n{"instruction": "Hi", "output": "x", "history": "no"}\n')
-    r = subprocess.run([CLI, "run", "--run-dir", str(run), "--from", "07", "--to", "07", "-p", f"sft.data={bad}"],
+    r = subprocess.run([CLI, "run", "--preset", "tiny", "--run-dir", str(run), "--from", "07", "--to", "07", "-p", f"sft.data={bad}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1
     assert str(bad) in r.stderr and "record 2 (line 2), field 'output': must be text, not a number (5)" in r.stderr
