@@ -206,7 +206,7 @@ def missing_extras(stage:Stage, cfg:dict) -> list[str]:
                 out.append(f"{stage.notebook}: {k}={val!r} needs the optional extra: pip install -e '.[{EXTRAS[val][0]}]'")
     return out
 
-def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRESET, else gpu on CUDA, else cpu
+def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRESET, else run_dir's own, else gpu on CUDA, else cpu
                   run_dir=None,  # the run directory; None: runs/<preset>
                   start=None,  # the first stage to run (number or name); None: the first
                   stop=None,  # the last stage to run, inclusive; None: the last
@@ -219,7 +219,7 @@ def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRE
     "Execute the selected stage notebooks in order into `run_dir/notebooks/`; raise `StageFailed` at the first failure."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
-    preset = resolve_preset(preset)
+    preset = resolve_preset(preset, run_dir)
     run_dir = resolve_run_dir(run_dir, preset)
     stages = select_stages(start, stop)
     if not stages: raise ValueError(f"no stage notebooks between {start or 'the first'} and {stop or 'the last'}")
@@ -268,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # what `run` and `stage` both take
     common.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                         help="tiny: CI-sized, minutes on CPU; cpu: a laptop, under an hour; gpu: one H100. "
-                             "auto (default): $LLM_LIFECYCLE_PRESET, else gpu if CUDA is available, else cpu")
+                             "auto (default): $LLM_LIFECYCLE_PRESET, else the preset of the run already in --run-dir, else gpu if CUDA is available, else cpu")
     common.add_argument("--run-dir", help="where artifacts go (default: runs/<preset>)")
     common.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="override a knob (repeatable): -p max_docs=500, or -p pretrain.lr=3e-3 for one stage's")
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         if args.command == "knobs":
             print(knobs_table([get_stage(args.stage)] if args.stage else None))
             return 0
-        preset = resolve_preset(args.preset)
+        preset = resolve_preset(args.preset, args.run_dir)
         if args.command == "serve":
             from llm_lifecycle.serving import serve
             return serve(resolve_run_dir(args.run_dir, preset), args.model, args.host, args.port, args.device)
@@ -368,7 +368,8 @@ def main(argv=None) -> int:
             if m: print(f"finished {m['notebook']} in {m['seconds']:.0f} s: "
                         + ", ".join(f"{k}={v:.4g}" for k, v in m["results"].items() if isinstance(v, float)))
             return 0
-        if args.preset == "auto": print(f"preset: {preset} (auto: chosen for this machine; --preset tiny runs in minutes)")
+        if args.preset == "auto": print(f"preset: {preset} (auto: " + ("the run's own" if args.run_dir and (Path(args.run_dir)/"run.json").exists()
+                                        else "chosen for this machine") + "; --preset tiny runs in minutes)")
         run_dir = run_lifecycle(preset, args.run_dir, args.start, args.stop, params, args.device, args.seed,
                                 progress=not args.no_progress)
     except (ValueError, KeyError, MissingInputError, MissingExtraError, StageFailed) as e:

@@ -156,10 +156,14 @@ def stage_config(stage:str, preset:str, **overrides) -> dict:
     return {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
 
 # %% ../nbs/00_core.ipynb #020a4ced
-def resolve_preset(preset:str="auto") -> str:
-    "The preset to use: `preset` itself, or for `'auto'` the environment's choice, then the hardware's."
+def resolve_preset(preset:str="auto",  # tiny, cpu, gpu, or auto
+                   run_dir=None,  # a run directory: for auto, a run already there keeps its own preset
+                  ) -> str:
+    "The preset to use: `preset` itself; for `'auto'` the environment's choice, else the preset `run_dir`'s run was made with, else the hardware's."
     if preset in (None, "auto"):
-        preset = os.environ.get("LLM_LIFECYCLE_PRESET") or ("gpu" if torch.cuda.is_available() else "cpu")
+        made = Path(run_dir)/"run.json" if run_dir else None  # load_json: defined below, with the run directory
+        preset = (os.environ.get("LLM_LIFECYCLE_PRESET") or (made.exists() and load_json(made).get("preset") if made else None)
+                  or ("gpu" if torch.cuda.is_available() else "cpu"))
     if preset not in PRESETS: raise KeyError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
     return preset
 
@@ -337,13 +341,12 @@ def find_run(stage:str|Stage, root=None) -> Path|None:
 
 def resolve_run(stage:str|Stage, preset:str="auto", run_dir=None) -> tuple[str, Path]:
     "The preset and run directory of `stage`: as given; for `preset='auto'`, the environment's, else the run's, else the machine's."
-    if preset in (None, "auto") and not os.environ.get("LLM_LIFECYCLE_PRESET"):
-        d = run_dir or os.environ.get("LLM_LIFECYCLE_RUN_DIR") or find_run(stage)
+    if preset in (None, "auto") and not os.environ.get("LLM_LIFECYCLE_PRESET") and not run_dir:
+        d = os.environ.get("LLM_LIFECYCLE_RUN_DIR") or find_run(stage)
         if d and (Path(d)/"run.json").exists():
-            preset = load_json(Path(d)/"run.json").get("preset", "auto")
-            if not run_dir: print(f"preset auto: continuing {d} (preset {preset}), the latest run with this stage's inputs")
+            print(f"preset auto: continuing {d} (preset {load_json(Path(d)/'run.json').get('preset')}), the latest run with this stage's inputs")
             run_dir = d
-    preset = resolve_preset(preset)
+    preset = resolve_preset(preset, run_dir)
     return preset, resolve_run_dir(run_dir, preset)
 
 # %% ../nbs/00_core.ipynb #18a78ff7

