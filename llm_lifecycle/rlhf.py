@@ -139,6 +139,8 @@ def ppo(policy_dir, reward_dir, prompts:Dataset, tasks:dict, iterations:int=40, 
         progress:bool=True, reward:str="model", detach_value:bool=False, target_kl:float|None=None, horizon:int=100,
         eval_fn=None, eval_every:int=10, kl_penalty:str="loss") -> tuple[TransformerLM, list[dict]]:
     "PPO on the `TransformerLM` in `policy_dir`: rollouts with our `generate`, reward `model` (the RM in `reward_dir`) or `gold` at the last token, a per-token KL penalty against the frozen reference (`kl_penalty`: the exact KL in the `loss`, or the sampled one in the `reward`), GAE, whitened advantages, clipped policy and value losses."
+    if kl_penalty not in ("loss", "reward"): raise ValueError(f"kl_penalty={kl_penalty!r}: 'loss' (the exact KL in the loss) or 'reward' (the sampled one, InstructGPT's)")
+    if reward not in ("model", "gold"): raise ValueError(f"reward={reward!r}: 'model' (the reward model) or 'gold' (the simulated annotator)")
     from tqdm.auto import tqdm
     torch.manual_seed(seed); gen = torch.Generator(device=device).manual_seed(seed)
     with quiet_hf():
@@ -186,7 +188,8 @@ def ppo(policy_dir, reward_dir, prompts:Dataset, tasks:dict, iterations:int=40, 
                 pg, clipfrac = clipped_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], clip)
                 vf = clipped_value_loss(v.gather(1, pos[mb]), old_v[mb], ret[mb], mask[mb], clip)
                 loss = pg + vf_coef * vf
-                lp = torch.log_softmax(logits.float(), -1).gather(1, pos[mb][..., None].expand(-1, -1, logits.size(-1)))
+                lp = torch.log_softmax((logits if kl_penalty == "loss" else logits.detach()).float(), -1)  # in the graph only for the loss's KL
+                lp = lp.gather(1, pos[mb][..., None].expand(-1, -1, logits.size(-1)))
                 if kl_penalty == "loss":  # β · KL(π ‖ π_ref), exact over the vocabulary, at every answer token
                     loss = loss + kl_coef * masked_mean((lp.exp() * (lp - ref_lp[mb])).sum(-1), mask[mb])
                 opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(ac.parameters(), 1.0); opt.step()

@@ -95,6 +95,14 @@ def test_a_huge_kl_coefficient_holds_the_policy_at_the_reference(tiny_run):
     assert kl[0.0] > 0.3 and abs(kl[100.0]) < min(0.1, kl[0.0] / 5), kl
 
 
+@pytest.mark.parametrize("kw,field", [(dict(kl_penalty="los"), "kl_penalty"), (dict(reward="rm"), "reward")])
+def test_ppo_refuses_an_unknown_mode_before_loading_anything(tmp_path, kw, field):
+    "A misspelt mode used to run silently as the other one (any kl_penalty but 'loss' put the KL in the reward)."
+    from llm_lifecycle.rlhf import ppo
+    with pytest.raises(ValueError, match=f"{field}=.*'"):
+        ppo(tmp_path/"no_policy", tmp_path/"no_reward", None, {}, **kw)
+
+
 @pytest.mark.parametrize("name", ["ppo", "dpo", "grpo", "grpo_gold"])
 def test_policies_are_plain_model_folders_that_stop(tiny_run, name):
     "Each saved policy loads in a fresh process with transformers alone and ends its answers at <|end|>."
