@@ -29,7 +29,7 @@ import argparse, ast, contextlib, importlib, importlib.util, os, re, sys, time
 from pathlib import Path
 
 from .core import (COMMON_KNOBS, PRESETS, STAGES, MissingInputError, Stage, get_stage, load_json,
-                                load_metrics, project_root, require_inputs, resolve_preset, resolve_run_dir, save_json,
+                                load_metrics, project_root, require_inputs, resolve_preset, resolve_run, resolve_run_dir, save_json,
                                 stage_config, stage_done, start_stage, usable_cpus)
 
 # %% ../nbs/00a_cli.ipynb #0bda34b9
@@ -206,8 +206,8 @@ def missing_extras(stage:Stage, cfg:dict) -> list[str]:
                 out.append(f"{stage.notebook}: {k}={val!r} needs the optional extra: pip install -e '.[{EXTRAS[val][0]}]'")
     return out
 
-def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRESET, else run_dir's own, else gpu on CUDA, else cpu
-                  run_dir=None,  # the run directory; None: runs/<preset>
+def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRESET, else the run's own, else gpu on CUDA, else cpu
+                  run_dir=None,  # the run directory; None: continuing (start after 01), the latest run with start's inputs; else runs/<preset>
                   start=None,  # the first stage to run (number or name); None: the first
                   stop=None,  # the last stage to run, inclusive; None: the last
                   params:dict|None=None,  # knobs, `{"max_docs": 500, "pretrain.lr": 3e-3}`, as `-p` gives them
@@ -219,10 +219,13 @@ def run_lifecycle(preset:str="auto",  # tiny, cpu, gpu; auto: $LLM_LIFECYCLE_PRE
     "Execute the selected stage notebooks in order into `run_dir/notebooks/`; raise `StageFailed` at the first failure."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
-    preset = resolve_preset(preset, run_dir)
-    run_dir = resolve_run_dir(run_dir, preset)
     stages = select_stages(start, stop)
     if not stages: raise ValueError(f"no stage notebooks between {start or 'the first'} and {stop or 'the last'}")
+    auto = preset in (None, "auto")
+    if stages[0].inputs: preset, run_dir = resolve_run(stages[0], preset, run_dir)  # auto: continue a run, as a notebook does
+    else: preset = resolve_preset(preset, run_dir); run_dir = resolve_run_dir(run_dir, preset)  # from the start: a new run
+    if auto: log(f"preset: {preset} (auto: " + ("$LLM_LIFECYCLE_PRESET" if os.environ.get("LLM_LIFECYCLE_PRESET") else "the run's own"
+                 if (run_dir/"run.json").exists() else "chosen for this machine; --preset tiny runs in minutes") + ")")
     routed = route_params(stages, dict(params or {}))
     missing = [p for s in stages for p in missing_extras(s, stage_config(s.name, preset, **routed[s.name]))]
     if missing: raise MissingExtraError("\n".join(missing))  # said now, not after the stages before it have run
@@ -269,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                         help="tiny: CI-sized, minutes on CPU; cpu: a laptop, under an hour; gpu: one H100. "
                              "auto (default): $LLM_LIFECYCLE_PRESET, else the preset of the run already in --run-dir, else gpu if CUDA is available, else cpu")
-    common.add_argument("--run-dir", help="where artifacts go (default: runs/<preset>)")
+    common.add_argument("--run-dir", help="where artifacts go (default: runs/<preset>; without --preset, a stage after 01 "
+                                           "continues the latest run under runs/ that holds its inputs)")
     common.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="override a knob (repeatable): -p max_docs=500, or -p pretrain.lr=3e-3 for one stage's")
     common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps; "
@@ -368,9 +372,7 @@ def main(argv=None) -> int:
             if m: print(f"finished {m['notebook']} in {m['seconds']:.0f} s: "
                         + ", ".join(f"{k}={v:.4g}" for k, v in m["results"].items() if isinstance(v, float)))
             return 0
-        if args.preset == "auto": print(f"preset: {preset} (auto: " + ("the run's own" if args.run_dir and (Path(args.run_dir)/"run.json").exists()
-                                        else "chosen for this machine") + "; --preset tiny runs in minutes)")
-        run_dir = run_lifecycle(preset, args.run_dir, args.start, args.stop, params, args.device, args.seed,
+        run_dir = run_lifecycle(args.preset, args.run_dir, args.start, args.stop, params, args.device, args.seed,
                                 progress=not args.no_progress)
     except (ValueError, KeyError, MissingInputError, MissingExtraError, StageFailed) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
