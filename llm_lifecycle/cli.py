@@ -270,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)  # what `run` and `stage` both take
     common.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                        help="tiny: CI-sized, minutes on CPU; cpu: a laptop, under an hour; gpu: one H100. "
+                        help="tiny: CI-sized, minutes on CPU; cpu: a laptop, hours on 2 cores; gpu: one H100. "
                              "auto (default): $LLM_LIFECYCLE_PRESET, else the preset of the run already in --run-dir, else gpu if CUDA is available, else cpu")
     common.add_argument("--run-dir", help="where artifacts go (default: runs/<preset>; without --preset, a stage after 01 "
                                            "continues the latest run under runs/ that holds its inputs)")

@@ -284,8 +284,10 @@ def _peft_tuning(m, fig, run_dir):
 
 def _reward(m, fig, run_dir):
     r = m["results"]
-    return (f"{r['n_train_pairs']:,} training pairs; held-out pairwise accuracy {r['test_accuracy']:.3f} (chance 0.5); "
-            f"Spearman correlation of its score with the gold reward {r['spearman_gold']:.3f}.\n")
+    return (f"{r['n_train_pairs']:,} training pairs; held-out pairwise accuracy {r['test_accuracy']:.3f} (chance 0.5)"
+            + (f"; Spearman correlation of its score with the gold reward within a prompt {r['spearman_gold_within']:.3f} "
+               f"(pooled over prompts {r['spearman_gold']:.3f}).\n" if "spearman_gold_within" in r else
+               f"; Spearman correlation of its score with the gold reward {r['spearman_gold']:.3f}.\n" if "spearman_gold" in r else ".\n"))
 
 def _rlhf(m, fig, run_dir):
     d = m["details"]

@@ -15,7 +15,8 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/reward.html.md"""
 # %% auto #0
 __all__ = ['closeness', 'gold_parts', 'gold_reward', 'sample_answers', 'preference_pairs', 'BadPreferences', 'hh_turns',
            'to_preference', 'read_preferences', 'bradley_terry_loss', 'reward_config', 'load_reward_model',
-           'reward_trainer', 'reward_scores', 'spearman', 'sft_tasks', 'preference_data', 'run_reward']
+           'reward_trainer', 'reward_scores', 'spearman', 'spearman_within', 'sft_tasks', 'preference_data',
+           'run_reward']
 
 # %% ../nbs/09_reward.ipynb #a4ae2b2c
 import json, random, re, tempfile, time
@@ -205,6 +206,12 @@ def spearman(a, b) -> float:
     ra, rb = (pd.Series(x).rank().to_numpy() for x in (a, b))
     return float(np.corrcoef(ra, rb)[0, 1])
 
+def spearman_within(a, b, groups) -> float:
+    "The mean over `groups` (the answers to one prompt) where `b` varies of Spearman's correlation of `a` with `b`; a constant `a` counts 0."
+    df = pd.DataFrame(dict(a=np.asarray(a, float), b=np.asarray(b, float), g=list(groups)))
+    rs = [spearman(g.a, g.b) if g.a.nunique() > 1 else 0.0 for _, g in df.groupby("g", sort=False) if g.b.nunique() > 1]
+    return float(np.mean(rs)) if rs else float("nan")
+
 # %% ../nbs/09_reward.ipynb #54ff49e9
 def sft_tasks(run:StageRun) -> dict:
     "The tasks of stage 07's run (name → `Task`), with the corpus tasks over the test functions."
@@ -260,7 +267,9 @@ def run_reward(run:StageRun, progress:bool=True, data:tuple|None=None) -> dict|N
     details = dict(counts=dict(counts), loss=[(l["step"], l["loss"]) for l in trainer.state.log_history if "loss" in l])
     if scored:
         rm = reward_scores(model, tok, [s["prompt"] for s in scored], [s["answer"] for s in scored])
-        results["spearman_gold"] = round(spearman(rm, [s["gold"] for s in scored]), 4)
+        gold = [s["gold"] for s in scored]
+        results["spearman_gold_within"] = round(spearman_within(rm, gold, [json.dumps(s["prompt"]) for s in scored]), 4)  # what pairs can teach
+        results["spearman_gold"] = round(spearman(rm, gold), 4)  # pooled over prompts: shifted by each prompt's arbitrary level
         details["scored"] = [dict(s, reward=round(float(r), 4)) for s, r in zip(scored, rm)][:400]
     if not main_process(): return None
     with atomic_dir(run.path("reward")) as d: model.save_pretrained(d); tok.save_pretrained(d)

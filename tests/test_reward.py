@@ -8,7 +8,7 @@ from datasets import load_from_disk
 
 from llm_lifecycle.core import load_metrics
 from llm_lifecycle.reward import (BadPreferences, bradley_terry_loss, gold_parts, load_reward_model, preference_pairs,
-                                  read_preferences, reward_scores, spearman, to_preference)
+                                  read_preferences, reward_scores, spearman, spearman_within, to_preference)
 from llm_lifecycle.sft import TASKS
 
 CLI = shutil.which("llm-lifecycle")
@@ -59,6 +59,16 @@ def test_bradley_terry_is_shift_invariant_and_matches_its_gradient():
     torch.testing.assert_close(bradley_terry_loss(rc + 3.0, rr + 3.0), loss)
     loss.backward()  # d/d r_c of −log σ(r_c − r_r) = −(1 − σ(r_c − r_r)), over the batch mean
     torch.testing.assert_close(rc.grad, -(1 - torch.sigmoid(rc - rr)).detach() / 16)
+
+
+def test_spearman_within_prompts_ignores_the_level_of_each_prompt():
+    "Pairs fix a score only up to a constant per prompt: a reward model can order every prompt's answers right and still correlate negatively pooled."
+    gold = [0, 0.5, 1, 0, 0.5, 1, 1, 1]
+    prompts = ["a"] * 3 + ["b"] * 3 + ["c"] * 2  # c's answers tie on gold: there is no order to learn, so it is left out
+    ordered = [11, 12, 13, 1, 2, 3, 0, 0]  # each prompt's answers in gold order, at levels unrelated to gold
+    assert spearman_within(ordered, gold, prompts) == pytest.approx(1.0) and spearman(ordered, gold) < 0
+    assert spearman_within([1, 2, 3, 3, 2, 1, 5, 6], gold, prompts) == pytest.approx(0.0)  # one prompt right, one reversed
+    assert spearman_within([5, 5, 5, 1, 2, 3, 0, 0], gold, prompts) == pytest.approx(0.5)  # a constant score orders nothing: 0
 
 
 def test_spearman_against_a_known_case():
