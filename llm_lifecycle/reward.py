@@ -109,7 +109,7 @@ def hh_turns(transcript:str) -> list[dict]|None:
     return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()} for who, text in zip(parts[1::2], parts[2::2])]
 
 def _is_text(v): return isinstance(v, str) and v.strip()
-def _is_chat(v): return isinstance(v, list) and v and all(isinstance(m, dict) and _is_text(m.get("content")) and m.get("role") in ("system", "user", "assistant") for m in v)
+def _is_messages(v): return isinstance(v, list) and v and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant") for m in v)
 
 def to_preference(r) -> tuple[dict|None, list]:
     "A record of any of the three shapes as `prompt`/`chosen`/`rejected` messages, and its `(field, problem)` pairs."
@@ -123,9 +123,9 @@ def to_preference(r) -> tuple[dict|None, list]:
         if bad: return None, bad
         if tc[:-1] != tj[:-1]: return None, [("rejected", "its conversation before the last answer differs from chosen's")]
         prompt, c, j = tc[:-1], tc[-1:], tj[-1:]
-    elif _is_chat(c) and _is_chat(j):  # UltraFeedback binarized, or TRL's conversational form
-        prompt = p if _is_chat(p) else c[:-1] if len(c) > 1 else [{"role": "user", "content": p}] if _is_text(p) else None
-        if not prompt: return None, [("prompt", "is empty")]
+    elif _is_messages(c) and _is_messages(j):  # UltraFeedback binarized, or TRL's conversational form
+        prompt = p if _is_messages(p) else c[:-1] if len(c) > 1 else [{"role": "user", "content": p}] if _is_text(p) else None
+        if not prompt or not all(_is_text(m["content"]) for m in prompt): return None, [("prompt", "is empty" if not prompt else "has an empty message")]
         c, j = c[-1:], j[-1:]
     elif all(isinstance(x, str) for x in (c, j, p)):  # plain texts
         if not p.strip(): return None, [("prompt", "is empty")]
@@ -133,7 +133,7 @@ def to_preference(r) -> tuple[dict|None, list]:
     else:
         kinds = ", ".join(f"{f} is {type(r.get(f)).__name__}" for f in ("prompt", "chosen", "rejected") if f in r)
         return None, [("chosen", f"not a known shape (HH transcripts, message lists, or prompt/chosen/rejected texts): {kinds}")]
-    problems = [(f, "is empty") for f, m in (("chosen", c), ("rejected", j)) if not (m and _is_text(m[-1].get("content")))]
+    problems = [("chosen", "is empty")] if not _is_text(c[-1].get("content")) else []  # an empty rejected answer is a real loser: a model that said nothing
     problems += [(f, "must end with the assistant's answer") for f, m in (("chosen", c), ("rejected", j)) if m and m[-1].get("role") != "assistant"]
     if not problems and c[-1]["content"].strip() == j[-1]["content"].strip(): problems.append(("rejected", "is identical to chosen"))
     return (None if problems else dict(prompt=prompt, chosen=c, rejected=j)), problems

@@ -172,12 +172,14 @@ def feedback_pairs(rated:list[dict]) -> tuple[list[dict], Counter]:
     pairs, why = [], Counter()
     by_prompt = defaultdict(lambda: {1: [], -1: []})
     for r in rated:
-        if r["rewrite"] and r["rewrite"].strip() != r["answer"].strip():
+        rewrite = (r["rewrite"] or "").strip()
+        if rewrite and rewrite != r["answer"].strip():
             pairs.append(dict(prompt=r["messages"], chosen=[dict(role="assistant", content=r["rewrite"])],
                               rejected=[dict(role="assistant", content=r["answer"])], source="rewrite"))
             continue
-        if r["rewrite"]: why["rewrite equals the answer"] += 1
-        by_prompt[json.dumps(r["messages"])][r["rating"]].append(r["answer"])
+        if r["rewrite"]: why["rewrite equals the answer" if rewrite else "rewrite is blank"] += 1
+        if r["rating"] == 1 and not r["answer"].strip(): why["up-rated, but empty: nothing to prefer"] += 1; continue
+        by_prompt[json.dumps(r["messages"])][r["rating"]].append(r["answer"])  # an empty down-rated answer stays: it loses
     for key, g in by_prompt.items():
         good, bad = list(dict.fromkeys(g[1])), list(dict.fromkeys(g[-1]))
         made = [(c, j) for c in good for j in bad if c.strip() != j.strip()]

@@ -69,6 +69,17 @@ def test_collection_is_deterministic():
     assert [d["id"] for d in a] == [d["id"] for d in b] and [d["text"] for d in a] == [d["text"] for d in b]
 
 
+def test_the_corpus_leaves_out_this_projects_own_readme():
+    "The project's description is its README: in the corpus, every edit of the docs would change every model downstream."
+    import importlib.metadata
+    from llm_lifecycle.data import licence_file_docs, metadata_docs, site_licences
+    assert importlib.metadata.distribution("llm-lifecycle").metadata.get_payload().strip()  # installed, with a description
+    ids = [d["id"] for d in metadata_docs()]
+    assert len(ids) > 50 and "metadata/llm-lifecycle" not in ids and "metadata/torch" in ids
+    assert not any("llm_lifecycle" in d["id"] for d in licence_file_docs())
+    assert not any("llm_lifecycle" in k for k in site_licences())  # nor its modules (or editable-install finder) in site_docstrings
+
+
 def test_planted_duplicates_are_removed():
     rng = np.random.default_rng(0)
     originals = [english_doc(rng) for _ in range(40)]

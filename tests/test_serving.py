@@ -182,17 +182,25 @@ def test_committed_feedback_survives_sigkill(tiny_run, tmp_path):
     assert len(read_preferences(run/"feedback"/"pairs.jsonl")) == n_feedback  # stage 09 reads them
 
 
-def test_feedback_pairs_and_what_made_none():
-    q1, q2, q3 = ([{"role": "user", "content": c}] for c in ("a?", "b?", "c?"))
+def test_feedback_pairs_and_what_made_none(tmp_path):
+    q1, q2, q3, q4, q5 = ([{"role": "user", "content": c}] for c in ("a?", "b?", "c?", "d?", "e?"))
     rated = [dict(messages=q1, answer="x", rating=-1, rewrite="y"),  # a rewrite: y over x
              dict(messages=q1, answer="y", rating=1, rewrite=None), dict(messages=q1, answer="z", rating=-1, rewrite=None),  # y over z
              dict(messages=q2, answer="u", rating=1, rewrite=None),  # nothing to prefer it to
              dict(messages=q3, answer="v", rating=-1, rewrite="v "),  # a rewrite that changes nothing
-             dict(messages=q3, answer="w", rating=-1, rewrite=None)]
+             dict(messages=q3, answer="w", rating=-1, rewrite=None),
+             dict(messages=q4, answer="", rating=-1, rewrite="t"),  # the model said nothing: t over the empty answer
+             dict(messages=q5, answer="", rating=1, rewrite=None),  # an empty answer up-rated: no answer to learn
+             dict(messages=q5, answer="s", rating=-1, rewrite=" ")]  # a blank rewrite is no rewrite
     pairs, why = feedback_pairs(rated)
-    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["source"]) for p in pairs] == [("y", "x", "rewrite"), ("y", "z", "ratings")]
-    assert why == {"pair": 2, "rewrite equals the answer": 1, "up-rated, with no down-rated answer to the same conversation": 1,
-                   "down-rated, with no better answer to the same conversation": 2}
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["source"]) for p in pairs] == \
+           [("y", "x", "rewrite"), ("t", "", "rewrite"), ("y", "z", "ratings")]
+    assert why == {"pair": 3, "rewrite equals the answer": 1, "rewrite is blank": 1, "up-rated, but empty: nothing to prefer": 1,
+                   "up-rated, with no down-rated answer to the same conversation": 1,
+                   "down-rated, with no better answer to the same conversation": 3}
+    f = tmp_path/"pairs.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert [p["rejected"][0]["content"] for p in read_preferences(f)] == ["x", "", "z"]  # stage 09 reads every pair the export writes
 
 
 ROUND = {"reward.prefs": "feedback", "reward.max_steps": 30, "rlhf.ppo_iterations": 2, "rlhf.ppo_gold_iterations": 2, "rlhf.overopt_iterations": 0,
