@@ -75,7 +75,9 @@ def get_stage(key:str) -> Stage:
 # %% ../nbs/00_core.ipynb #df447b78
 PRESETS = {
     "tiny": {
-        "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files"], path=None, hf_dataset=None, max_docs=2500,
+        # tiny's corpus is the standard library's own text, the same wherever this Python runs: the installed packages'
+        # descriptions and licence files change with every release on the package index, and with them every tiny result
+        "data": dict(sources=["pydoc", "docstrings"], path=None, hf_dataset=None, max_docs=2500,
                      min_words=20, max_words=100_000, max_symbol_ratio=0.1, min_mean_word_len=2.5,
                      max_mean_word_len=12.0, max_dup_line_frac=0.3, min_end_punct_frac=0.1, min_stopwords=2,
                      num_perm=128, bands=32, shingle=5, jaccard=0.7, val_frac=0.05, test_frac=0.05, num_proc=1,

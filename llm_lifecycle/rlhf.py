@@ -14,9 +14,10 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/rlhf.html.md"""
 
 # %% auto #0
 __all__ = ['gae', 'masked_mean', 'whiten', 'clipped_policy_loss', 'clipped_value_loss', 'ActorCritic', 'token_logprobs',
-           'prompt_ids', 'rollout', 'pack', 'explained_variance', 'ppo', 'sequence_logprobs', 'evaluate_policy',
-           'best_of_n', 'dpo_loss', 'completion_logps', 'dpo_config', 'dpo_trainer', 'check_dpo_loss', 'grpo_config',
-           'grpo_trainer', 'gold_reward_func', 'grpo_prompts', 'rlhf_prompts', 'run_rlhf']
+           'prompt_ids', 'by_length', 'rollout', 'greedy_answers', 'pack', 'explained_variance', 'ppo',
+           'sequence_logprobs', 'evaluate_policy', 'best_of_n', 'dpo_loss', 'completion_logps', 'dpo_config',
+           'dpo_trainer', 'check_dpo_loss', 'grpo_config', 'grpo_trainer', 'gold_reward_func', 'grpo_prompts',
+           'rlhf_prompts', 'run_rlhf']
 
 # %% ../nbs/10_rlhf.ipynb #a0546e5a
 import json, math, random, tempfile, time, warnings
@@ -98,19 +99,38 @@ def prompt_ids(tok, prompt:list[dict]) -> list[int]:
     "A conversation's token ids up to the assistant's turn, as the chat template renders it."
     return tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
+def by_length(queries:list[list[int]], batch:int=64) -> list[tuple[int, list[int]]]:
+    "The indices of `queries` grouped by length (each group at most `batch`, in order of first appearance): rows of one group batch without padding."
+    groups = {}
+    for i, q in enumerate(queries): groups.setdefault(len(q), []).append(i)
+    return [(n, rows[j:j + batch]) for n, rows in groups.items() for j in range(0, len(rows), batch)]
+
 @torch.no_grad()
 def rollout(lm:TransformerLM, tok, prompts:list[list[dict]], k:int=4, max_new_tokens:int=24, temperature:float=1.0,
-            generator=None) -> list[dict]:
-    "`k` sampled answers to each prompt with our KV-cache `generate` (stage 06): query ids, response ids, and whether it stopped."
-    stops, out = stop_token_ids(tok), []
+            generator=None, batch:int=256) -> list[dict]:
+    "`k` sampled answers to each prompt (in prompt order) with our KV-cache `generate` (stage 06), the prompts of one length in one batch of at most `batch` rows: query ids, response ids, and whether it stopped."
+    stops, device = stop_token_ids(tok), next(lm.parameters()).device
+    queries, out = [prompt_ids(tok, p) for p in prompts], [None] * (len(prompts) * k)
     was = lm.training; lm.eval()
-    for p in prompts:
-        q = prompt_ids(tok, p)
-        idx = torch.tensor([q] * k, device=next(lm.parameters()).device)
+    for n, rows in by_length(queries, max(1, batch // k)):
+        idx = torch.tensor([queries[i] for i in rows for _ in range(k)], device=device)
         gen = generate(lm, idx, max_new_tokens, do_sample=True, temperature=temperature, eos_token_id=stops, generator=generator)
-        for r in continuations(gen, len(q), stops):
-            out.append(dict(prompt=p, query=q, response=r, stopped=bool(r) and r[-1] in stops,
-                            text=tok.decode(r, skip_special_tokens=True).strip()))
+        for j, r in enumerate(continuations(gen, n, stops)):
+            i = rows[j // k]
+            out[i * k + j % k] = dict(prompt=prompts[i], query=queries[i], response=r, stopped=bool(r) and r[-1] in stops,
+                                      text=tok.decode(r, skip_special_tokens=True).strip())
+    lm.train(was)
+    return out
+
+@torch.no_grad()
+def greedy_answers(lm:TransformerLM, tok, prompts:list[list[dict]], max_new_tokens:int=24, batch:int=256) -> list[str]:
+    "The greedy answer to each prompt with our KV-cache `generate`, the prompts of one length in one batch (each answer the one it gets alone)."
+    stops, device = stop_token_ids(tok), next(lm.parameters()).device
+    queries, out = [prompt_ids(tok, p) for p in prompts], [None] * len(prompts)
+    was = lm.training; lm.eval()
+    for n, rows in by_length(queries, batch):
+        gen = generate(lm, torch.tensor([queries[i] for i in rows], device=device), max_new_tokens, eos_token_id=stops)
+        for i, r in zip(rows, continuations(gen, n, stops)): out[i] = tok.decode(r, skip_special_tokens=True).strip()
     lm.train(was)
     return out
 
@@ -224,11 +244,8 @@ def evaluate_policy(lm:TransformerLM, tok, ref:TransformerLM, rm, rtok, prompts:
     gold = [gold_reward(tasks[t], s["prompt"][-1]["content"], s["text"], s["stopped"]) for s, t in zip(samples, task_of)]
     score = reward_scores(rm, rtok, [s["prompt"] for s in samples], [s["text"] for s in samples])
     kl = sequence_logprobs(lm, samples, tok.pad_token_id, device) - sequence_logprobs(ref, samples, tok.pad_token_id, device)
-    stops, right = stop_token_ids(tok), []
-    for p, t in zip(prompts["prompt"], prompts["task"]) if greedy else []:
-        q = prompt_ids(tok, p)
-        r = continuations(generate(lm, torch.tensor([q], device=device), max_new_tokens, eos_token_id=stops), len(q), stops)[0]
-        right.append(gold_parts(tasks[t], p[-1]["content"], tok.decode(r, skip_special_tokens=True).strip(), True)["correct"])
+    right = [gold_parts(tasks[t], p[-1]["content"], a, True)["correct"]
+             for p, t, a in zip(prompts["prompt"], prompts["task"], greedy_answers(lm, tok, list(prompts["prompt"]), max_new_tokens))] if greedy else []
     per_prompt = np.array(gold).reshape(len(prompts), k).mean(1)
     return dict(gold=round(float(np.mean(gold)), 4), gold_se=round(float(per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))), 4), rm_score=round(float(np.mean(score)), 4), kl=round(kl.mean().item(), 4),
                 accuracy=round(float(np.mean(right)), 4) if right else None, length=round(float(np.mean([len(s["response"]) for s in samples])), 2))
