@@ -90,9 +90,8 @@ class ActorCritic(nn.Module):
 
 def token_logprobs(logits:torch.Tensor, ids:torch.Tensor, pos:torch.Tensor) -> torch.Tensor:
     "log p of the tokens at positions `pos + 1` of `ids`, read from the logits at `pos` `(B, R)`."
-    lp = torch.log_softmax(logits.float(), -1)
-    nxt = ids.gather(1, pos + 1)
-    return lp.gather(1, pos[..., None].expand(-1, -1, lp.size(-1))).gather(2, nxt[..., None]).squeeze(-1)
+    at = logits.gather(1, pos[..., None].expand(-1, -1, logits.size(-1))).float()  # only the answer's positions: the softmax of the rest is wasted
+    return torch.log_softmax(at, -1).gather(2, ids.gather(1, pos + 1)[..., None]).squeeze(-1)
 
 # %% ../nbs/10_rlhf.ipynb #b2240803
 def prompt_ids(tok, prompt:list[dict]) -> list[int]:
@@ -185,7 +184,7 @@ def ppo(policy_dir, reward_dir, prompts:Dataset, tasks:dict, iterations:int=40, 
             ref_logits = ref(ids)[0]
             ref_logp = token_logprobs(ref_logits, ids, pos)
             if kl_penalty == "loss":  # the reference's whole next-token distribution at each answer position
-                ref_lp = torch.log_softmax(ref_logits.float(), -1).gather(1, pos[..., None].expand(-1, -1, ref_logits.size(-1)))
+                ref_lp = torch.log_softmax(ref_logits.gather(1, pos[..., None].expand(-1, -1, ref_logits.size(-1))).float(), -1)
             score = torch.tensor(reward_scores(rm, rtok, [s["prompt"] for s in samples], [s["text"] for s in samples]), device=device)
             gold = [gold_reward(tasks[t], s["prompt"][-1]["content"], s["text"], s["stopped"]) for s, t in zip(samples, task_of)]
             r_final = score if reward == "model" else torch.tensor(gold, device=device)
@@ -208,8 +207,8 @@ def ppo(policy_dir, reward_dir, prompts:Dataset, tasks:dict, iterations:int=40, 
                 pg, clipfrac = clipped_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], clip)
                 vf = clipped_value_loss(v.gather(1, pos[mb]), old_v[mb], ret[mb], mask[mb], clip)
                 loss = pg + vf_coef * vf
-                lp = torch.log_softmax((logits if kl_penalty == "loss" else logits.detach()).float(), -1)  # in the graph only for the loss's KL
-                lp = lp.gather(1, pos[mb][..., None].expand(-1, -1, logits.size(-1)))
+                at = (logits if kl_penalty == "loss" else logits.detach()).gather(1, pos[mb][..., None].expand(-1, -1, logits.size(-1)))
+                lp = torch.log_softmax(at.float(), -1)  # at the answer's positions; in the graph only for the loss's KL
                 if kl_penalty == "loss":  # β · KL(π ‖ π_ref), exact over the vocabulary, at every answer token
                     loss = loss + kl_coef * masked_mean((lp.exp() * (lp - ref_lp[mb])).sum(-1), mask[mb])
                 opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(ac.parameters(), 1.0); opt.step()
