@@ -6,10 +6,12 @@ strip markup, keep only what we may use, filter out low-quality text with cheap 
 information, remove exact and near duplicates, and split. This notebook builds each step as a small function, shows
 it on examples, then runs the whole pipeline on a real corpus and counts what every step removed.
 
-The corpus has to be available offline, so the default one is text that every Python installation carries: the
-standard library's reference documentation (`pydoc_data`), the docstrings of the standard library's modules, and the
-descriptions and licence files of the installed packages with their licence metadata. It is genuinely messy: reStructuredText and
-Markdown markup, HTML, badges, code, doctests, author e-mail addresses and copies of the same text. Every loader also
+The corpus has to be available offline, so the default one is text that every Python installation carries. `tiny`
+collects only the standard library's own text, its reference documentation (`pydoc_data`) and its modules'
+docstrings, the same wherever this Python runs, so its results do not change when a package on the index releases a
+new version; `cpu` and `gpu` add the installed packages' descriptions, licence files and docstrings, with their
+licence metadata. It is genuinely messy: reStructuredText markup, code, doctests, author e-mail addresses and copies
+of the same text, and the packages add Markdown, HTML and badges. Every loader also
 takes the real thing: a folder of your own files, or a dataset on the Hugging Face hub.
 
 Docs: https://llm-lifecycle.github.io/llm-lifecycle/data.html.md"""

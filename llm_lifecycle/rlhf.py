@@ -6,7 +6,7 @@ keeps it near the SFT model it started from. This notebook writes PPO out (rollo
 value head, GAE, the clipped losses), trains DPO and GRPO with TRL, and puts them side by side with best-of-N on
 held-out prompts, judged by the **gold reward**: the annotator's own rules, which no method here trains on
 except where it says so. A learned reward is a proxy, and optimising a proxy hard finds where it is wrong
-(Gao et al. 2022); at the tiny scale that happens at once, and the notebook shows it.
+(Gao et al. 2022); at the tiny scale that happens within a dozen iterations, and the notebook shows it.
 
 Docs: https://llm-lifecycle.github.io/llm-lifecycle/rlhf.html.md"""
 
