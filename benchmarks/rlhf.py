@@ -2,9 +2,9 @@
 
 Prints JSON. Rollouts: the run's `sft/` samples `--samples` answers (temperature 1, up to `--new-tokens` tokens) to
 each of `--prompts` prompts of stage 10's tasks; the median over `--repeats` runs of generated tokens per second for
-our `generate` on `TransformerLM` (stage 06; one call per prompt, since the model has no padding mask), for
-`transformers`' `generate` on the same weights one prompt per call (like for like), and for it on all prompts in
-one left-padded batch (what our model cannot do). Per method: the held-out gold reward gained over the SFT model per
+our `generate` on `TransformerLM` as stage 10's `rollout` calls it (stage 06's KV cache; one call per prompt length,
+since the model has no padding mask), for `transformers`' `generate` on the same weights one prompt per call, and for
+it on all prompts in one left-padded batch. Per method: the held-out gold reward gained over the SFT model per
 minute of training, read from the run's `rlhf/metrics.json` (stage 10 measures it; this script does not retrain).
 
     python benchmarks/rlhf.py --run-dir runs/tiny
@@ -64,7 +64,7 @@ def main():
     print(json.dumps(dict(
         machine=dict(platform=platform.platform(), threads=torch.get_num_threads(), torch=torch.__version__),
         rollout=dict(prompts=len(prompts), samples_per_prompt=a.samples, max_new_tokens=a.new_tokens, repeats=a.repeats,
-                     ours_kv_cache_per_prompt=bench(ours_run), transformers_generate_per_prompt=bench(lambda s: hf_run(s, False)),
+                     ours_kv_cache_batched_by_length=bench(ours_run), transformers_generate_per_prompt=bench(lambda s: hf_run(s, False)),
                      transformers_generate_one_batch=bench(lambda s: hf_run(s, True))),
         gold_per_cpu_minute={k: dict(gold_gain=round(r["gold"] - sft_gold, 4), seconds=r["seconds"],
                                      per_minute=round(60 * (r["gold"] - sft_gold) / r["seconds"], 4) if r["seconds"] else None)
