@@ -251,7 +251,7 @@ def test_feedback_round_trip_into_the_next_alignment_round(tiny_run, tmp_path):
     assert (score("chosen") > score("rejected")).mean() >= 0.75  # the new reward model learned the users' preferences
     tok = AutoTokenizer.from_pretrained(run/"sft")
     before, after = _margins(run/"sft", tok, train), _margins(run/"rlhf"/"dpo", tok, train)
-    # and DPO moved the policy their way: on most pairs, by a clear margin (0.89 nats on average on CI's corpus, 0.48 on another)
+    # and DPO moved the policy their way: on most pairs, by a clear margin (0.57 nats on average on tiny's standard-library corpus, on 97% of the pairs; 0.89 and 0.48 on two earlier corpora)
     assert (after - before).mean() > 0.25 and (after > before).float().mean() >= 0.8
 
 
