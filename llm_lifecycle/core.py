@@ -14,7 +14,7 @@ __all__ = ['STAGES', 'PRESETS', 'VERSIONED', 'COMMON_KNOBS', 'Stage', 'get_stage
            'resolve_preset', 'pick_device', 'usable_cpus', 'seed_everything', 'atomic_write', 'save_json', 'load_json',
            'atomic_dir', 'project_root', 'resolve_run_dir', 'package_versions', 'git_commit', 'MissingInputError',
            'stage_done', 'require_inputs', 'StageRun', 'main_process', 'update_run_json', 'find_run', 'resolve_run',
-           'start_stage', 'metrics_path', 'save_metrics', 'load_metrics']
+           'start_stage', 'metrics_path', 'save_metrics', 'load_metrics', 'paired_interval']
 
 # %% ../nbs/00_core.ipynb #cf9aef64
 import contextlib, datetime, importlib.metadata, json, math, os, platform, random, shutil, subprocess, tempfile, time
@@ -86,7 +86,8 @@ PRESETS = {
         "encoding": dict(num_proc=1),
         "model": dict(d_model=128, n_layer=4, n_head=4, n_kv_head=2, d_ff=None, max_seq_len=128, rope_theta=10000.0,
                       dropout=0.0, n_experts=0, top_k_experts=2, tie_embeddings=True),
-        "pretrain": dict(max_steps=500, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=20,
+        # 1500 steps (2 epochs): at 500 the base model could not copy a word from its prompt, and SFT on it reached 0.17
+        "pretrain": dict(max_steps=1500, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=20,
                          weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=100, eval_iters=8,
                          ckpt_interval=200, resume=False, compile=False, dtype="auto", max_epochs=4.0, lr_sweep=[3e-3, 1e-2, 3e-2],
                          scaling_sizes=[[32, 1], [64, 2], [128, 4]], sweep_steps=15),
@@ -96,7 +97,7 @@ PRESETS = {
         "sft": dict(data=None, tasks=["count_words", "last_word", "larger", "convert_units", "extract_number", "to_json"],
                     train_per_task=500, test_per_task=40, history_frac=0.2, system_frac=0.3,
                     augment_model="base", augment_n=32, base_model="base", candidates=["base"], max_steps=800, batch_size=16,
-                    lr=3e-3, warmup_steps=20, weight_decay=0.0, packing=False, max_new_tokens=24, cls_modules=8, cls_last_n=1,
+                    lr=3e-3, warmup_steps=20, weight_decay=0.0, packing=False, lm_mix=0.2, max_new_tokens=24, cls_modules=8, cls_last_n=1,
                     cls_steps=150, cls_lr=1e-3),
         "peft_tuning": dict(methods=["full", "last_layers", "lora", "qlora", "prompt_tuning", "p_tuning"], max_steps=100,
                             batch_size=8, lr=5e-3, last_n=1, lora_ranks=[8, 2], lora_alpha=16, lora_lr=1e-2, prompt_tokens=8,
@@ -409,3 +410,13 @@ def load_metrics(run_dir, stage:str|Stage|None=None) -> dict:
     p = Path(run_dir)/metrics_path(s)
     if not p.exists(): raise MissingInputError(f"{p} does not exist: stage {s.notebook} has not run in {run_dir}")
     return load_json(p)
+
+# %% ../nbs/00_core.ipynb #1270afda
+def paired_interval(a, b,  # per-prompt scores of two models, on the same prompts in the same order
+                    n_boot:int=4000, seed:int=0) -> dict:
+    "The mean of the per-prompt differences `a − b`, its 95% bootstrap interval (`lo`, `hi`), and the number of prompts `n`."
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1 or len(d) < 2: raise ValueError(f"need two equal-length 1-D score lists of at least 2 prompts, got shapes {np.shape(a)} and {np.shape(b)}")
+    means = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return dict(diff=round(float(d.mean()), 4), lo=round(float(lo), 4), hi=round(float(hi), 4), n=len(d))

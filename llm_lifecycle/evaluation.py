@@ -6,9 +6,9 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/evaluation.html.md"""
 
 # %% auto #0
 __all__ = ['METRICS', 'HARNESS_PREFIX', 'HARNESS_UTILS', 'REPORT_SECTIONS', 'ExactMatch', 'Chrf', 'Rouge', 'metric_module',
-           'load_metric', 'text_metrics', 'text_bits_per_byte', 'judge_context', 'judged', 'evaluate_model',
-           'harness_tasks', 'harness_accuracy', 'harness_model_args', 'fmt', 'md_table', 'report_text', 'write_report',
-           'run_evaluation', 'check_bounds', 'bounds_failures']
+           'load_metric', 'text_metrics', 'judge_context', 'judged', 'evaluate_model', 'harness_tasks',
+           'harness_accuracy', 'harness_model_args', 'fmt', 'md_table', 'report_text', 'write_report', 'run_evaluation',
+           'check_bounds', 'bounds_failures']
 
 # %% ../nbs/12_evaluation.ipynb #ee9b4489
 import contextlib, io, json, logging, math, tempfile, time
@@ -29,7 +29,7 @@ from .constellation import constellation_models, load_member
 from .model import from_hf_llama, load_hf
 from .reward import load_reward_model, sft_tasks
 from .rlhf import evaluate_policy, rlhf_prompts
-from .sft import end_token, exact_match, normalize_answer, quiet_hf, stop_token_ids
+from .sft import end_token, exact_match, normalize_answer, quiet_hf, stop_token_ids, text_bits_per_byte
 
 # %% ../nbs/12_evaluation.ipynb #bf6ea507
 class ExactMatch(evaluate.Metric):
@@ -90,31 +90,6 @@ def text_metrics(predictions:list[str], references:list[str], metrics:dict|None=
     kw = dict(predictions=predictions, references=references)
     return dict(exact_match=round(metrics["exact_match"].compute(**kw)["exact_match"], 4), chrf=round(metrics["chrf"].compute(**kw)["score"], 2),
                 rouge_l=round(metrics["rouge"].compute(**kw, rouge_types=["rougeL"])["rougeL"], 4))
-
-# %% ../nbs/12_evaluation.ipynb #099102a1
-@torch.no_grad()
-def text_bits_per_byte(model, tok, texts:list[str], start_id:int|None=None, window:int|None=None, batch:int=32) -> dict:
-    "Bits per UTF-8 byte of `texts` under a causal LM, every token scored once: each text after `start_id`, in windows of the model's context; bits, bytes, tokens."
-    window = window or model.config.max_position_embeddings
-    start = start_id if start_id is not None else (tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
-    rows = []
-    for t in texts:
-        ids = [start] + tok(t, add_special_tokens=False)["input_ids"]
-        rows += [ids[s:s + window + 1] for s in range(0, len(ids) - 1, window)]  # inputs ids[s:s+window], targets shifted by one
-    rows.sort(key=len)  # windows of equal length share a batch: little padding
-    model.eval()
-    nll, n = 0.0, 0
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        m = max(map(len, chunk))
-        x = torch.tensor([r + [start] * (m - len(r)) for r in chunk], device=model.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (m - len(r)) for r in chunk], device=model.device)
-        y = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        logits = model(input_ids=x[:, :-1], attention_mask=mask[:, :-1]).logits
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
-        n += int((y != -100).sum())
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return dict(bpb=nll / math.log(2) / n_bytes, nats_per_token=nll / n, tokens=n, bytes=n_bytes)
 
 # %% ../nbs/12_evaluation.ipynb #30eaa6d6
 def judge_context(run:StageRun) -> dict:
@@ -291,9 +266,12 @@ def _reward(m, fig, run_dir):
 
 def _rlhf(m, fig, run_dir):
     d = m["details"]
-    rows = [dict(method=k, **{c: v.get(c) for c in ("gold", "rm_score", "kl", "accuracy", "seconds")}) for k, v in d["table"].items()]
+    gain = lambda g: f"{g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]" if g else None  # a paired difference and its 95% interval
+    rows = [dict(method=k, **{c: v.get(c) for c in ("gold", "rm_score", "kl", "accuracy", "seconds")}, gold_gain_over_sft=gain(v.get("gain")))
+            for k, v in d["table"].items()]
     curve = [dict(iteration=h["iteration"], **h["held_out"]) for h in d.get("ppo_overopt_history", d.get("ppo_history", [])) if h.get("held_out")]
-    text = f"Held-out prompts of {', '.join(d['tasks'])}; gold is the simulated annotator's reward.\n\n" + md_table(rows)
+    text = (f"Held-out prompts of {', '.join(d['tasks'])}; gold is the simulated annotator's reward; a gain over SFT is the mean "
+            "per-prompt difference on the same prompts, with its 95% bootstrap interval.\n\n" + md_table(rows))
     if curve:
         def draw(f):
             ax = f.subplots(); kl = [c["kl"] for c in curve]

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from datasets import Dataset, load_from_disk
 
-from .core import StageRun, atomic_dir, load_metrics, main_process, save_json, save_metrics, seed_everything
+from .core import StageRun, atomic_dir, load_metrics, main_process, paired_interval, save_json, save_metrics, seed_everything
 from .generation import continuations, generate
 from .model import TransformerLM, from_hf_llama, load_hf, save_hf
 from .reward import gold_parts, gold_reward, load_reward_model, reward_scores, sft_tasks
@@ -230,7 +230,7 @@ def sequence_logprobs(lm:TransformerLM, samples:list[dict], pad_id:int, device="
 @torch.no_grad()
 def evaluate_policy(lm:TransformerLM, tok, ref:TransformerLM, rm, rtok, prompts:Dataset, tasks:dict, k:int=4, max_new_tokens:int=24,
                     seed:int=0, greedy:bool=True) -> dict:
-    "On held-out `prompts`: mean gold reward (and its standard error over prompts) and reward-model score of `k` samples each (temperature 1), their KL to `ref`, greedy accuracy."
+    "On held-out `prompts`: mean gold reward (its standard error over prompts, and each prompt's mean, `per_prompt`) and reward-model score of `k` samples each (temperature 1), their KL to `ref`, greedy accuracy."
     device = next(lm.parameters()).device
     samples = rollout(lm, tok, list(prompts["prompt"]), k, max_new_tokens, 1.0, torch.Generator(device=device).manual_seed(seed))
     task_of = [t for t in prompts["task"] for _ in range(k)]
@@ -241,7 +241,8 @@ def evaluate_policy(lm:TransformerLM, tok, ref:TransformerLM, rm, rtok, prompts:
              for p, t, a in zip(prompts["prompt"], prompts["task"], greedy_answers(lm, tok, list(prompts["prompt"]), max_new_tokens))] if greedy else []
     per_prompt = np.array(gold).reshape(len(prompts), k).mean(1)
     return dict(gold=round(float(np.mean(gold)), 4), gold_se=round(float(per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))), 4), rm_score=round(float(np.mean(score)), 4), kl=round(kl.mean().item(), 4),
-                accuracy=round(float(np.mean(right)), 4) if right else None, length=round(float(np.mean([len(s["response"]) for s in samples])), 2))
+                accuracy=round(float(np.mean(right)), 4) if right else None, length=round(float(np.mean([len(s["response"]) for s in samples])), 2),
+                per_prompt=[round(float(g), 4) for g in per_prompt])
 
 @torch.no_grad()
 def best_of_n(lm:TransformerLM, tok, rm, rtok, prompts:Dataset, tasks:dict, ns=(1, 2, 4, 8, 16), max_new_tokens:int=24, seed:int=0) -> list[dict]:
@@ -254,7 +255,7 @@ def best_of_n(lm:TransformerLM, tok, rm, rtok, prompts:Dataset, tasks:dict, ns=(
     rows = []
     for n in ns:
         pick = score[:, :n].argmax(1)
-        rows.append(dict(n=n, gold=round(float(gold[np.arange(len(gold)), pick].mean()), 4),
+        rows.append(dict(n=n, gold=round(float(gold[np.arange(len(gold)), pick].mean()), 4), per_prompt=gold[np.arange(len(gold)), pick].round(4).tolist(),
                          rm_score=round(float(score[:, :n].max(1).mean()), 4), oracle_gold=round(float(gold[:, :n].max(1).mean()), 4),
                          kl_bound=round(math.log(n) - (n - 1) / n, 4)))
     return rows
@@ -376,7 +377,7 @@ def run_rlhf(run:StageRun, progress:bool=True) -> dict|None:
     t0 = time.time(); details["best_of_n"] = best_of_n(ref, tok, rm, rtok, held, tasks, run["best_of"], run["max_new_tokens"], run.seed)
     pick = details["best_of_n"][min(2, len(run["best_of"]) - 1)]  # N = 4 in the presets: the table's best-of-N
     table[f"best_of_{pick['n']}"] = dict(gold=pick["gold"], rm_score=pick["rm_score"], kl=pick["kl_bound"], accuracy=None,
-                                         length=None, seconds=round(time.time() - t0, 2))
+                                         length=None, seconds=round(time.time() - t0, 2), per_prompt=pick["per_prompt"])
     common = dict(prompts_per_iter=run["prompts_per_iter"], k=run["samples_per_prompt"], max_new_tokens=run["max_new_tokens"],
                   lr=run["ppo_lr"], ppo_epochs=run["ppo_epochs"], seed=run.seed, device=dev, progress=progress)
     for name, reward, iters, beta in (("ppo", "model", run["ppo_iterations"], run["kl_coef"]),
@@ -416,8 +417,11 @@ def run_rlhf(run:StageRun, progress:bool=True) -> dict|None:
         details[f"{name}_history"] = [l for l in trainer.state.log_history if "reward" in l]
         _save_policy(run, name, lambda d: (model.save_pretrained(d), htok.save_pretrained(d)), table[name], details[f"{name}_history"])
     if not main_process(): return None
-    results = {f"{m}_{k}": v for m, row in table.items() for k, v in row.items() if v is not None}
+    for m, row in table.items():  # each method against SFT, prompt by prompt
+        if m != "sft": row["gain"] = paired_interval(row["per_prompt"], table["sft"]["per_prompt"], seed=run.seed)
+    results = {f"{m}_{k}": v for m, row in table.items() for k, v in row.items() if v is not None and k not in ("per_prompt", "gain")}
+    results.update({f"{m}_gain{s}": row["gain"][k] for m, row in table.items() if "gain" in row for s, k in (("", "diff"), ("_lo", "lo"), ("_hi", "hi"))})
     details["table"] = table
-    warnings = [f"{m} did not raise the held-out gold reward over SFT ({row['gold']:.3f} vs {table['sft']['gold']:.3f})"
-                for m, row in table.items() if m not in ("sft", "ppo_overopt") and row["gold"] <= table["sft"]["gold"]]
+    warnings = [f"{m}: its gold gain over SFT is within noise ({row['gain']['diff']:+.3f}, 95% interval {row['gain']['lo']:+.3f} to {row['gain']['hi']:+.3f})"
+                for m, row in table.items() if m not in ("sft", "ppo_overopt") and row["gain"]["lo"] <= 0]
     return save_metrics(run, results, details, warnings)  # last: the stage is done

@@ -20,11 +20,12 @@ __all__ = ['SHAREGPT_ROLES', 'WORDS', 'NAMES', 'UNITS', 'SENTENCES', 'TASKS', 'S
            'corpus_tasks', 'task_example', 'normalize_answer', 'check_answer', 'make_instructions', 'quiet_hf',
            'smollm2_file', 'model_source', 'load_chat_model', 'add_generation_block', 'end_token', 'stop_token_ids',
            'complete', 'chat_prompts', 'exact_match', 'augment_prompt', 'parse_generated', 'Reviewer', 'augment',
-           'sft_config', 'quiet_trainer', 'sft_trainer', 'trainable_parameters', 'docstring_classes', 'freeze_but_last',
-           'train_classifier', 'instruction_data', 'run_sft']
+           'sft_config', 'quiet_trainer', 'sft_trainer', 'lm_windows', 'sft_batches', 'text_bits_per_byte',
+           'trainable_parameters', 'docstring_classes', 'freeze_but_last', 'train_classifier', 'instruction_data',
+           'sft_rows', 'run_sft']
 
 # %% ../nbs/07_sft.ipynb #42fa56b4
-import hashlib, json, logging, random, re, tempfile, time
+import hashlib, json, logging, math, random, re, tempfile, time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from .core import StageRun, atomic_dir, main_process, save_metrics, seed_everything
@@ -278,17 +280,18 @@ ALL_TASKS = [*TASKS, "doc_summary", "doc_name"]
 def make_instructions(entries:list,  # `docstring_entries` of the corpus, for the two corpus tasks
                       tasks:list|None=None,  # task names; None: all of `ALL_TASKS`
                       train_per_task:int=500,  # training examples per task
-                      test_per_task:int=40,  # validation and test examples per task
+                      test_per_task:int=40,  # examples per task in each of validation, test and test_unseen_templates
                       history_frac:float=0.2,  # share of examples with an earlier turn
                       system_frac:float=0.3,  # share of examples with a system prompt
                       seed:int=0) -> DatasetDict:
-    "Generated instruction data: `train` and `validation` on the trained templates, `test` on the held-out ones; no test prompt is in `train`."
+    "Generated instruction data: `train`, `validation` and `test` on the trained templates (new values), `test_unseen_templates` on the held-out ones; no evaluation prompt is in `train`."
     rng, tasks = random.Random(seed), list(tasks or ALL_TASKS)
     out, seen = {}, set()
-    for split, n in [("train", train_per_task), ("validation", test_per_task), ("test", test_per_task)]:
-        pool = {**TASKS, **corpus_tasks(entries, "test" if split == "test" else "train")}
+    for split, n in [("train", train_per_task), ("validation", test_per_task), ("test", test_per_task),
+                     ("test_unseen_templates", test_per_task)]:
+        pool = {**TASKS, **corpus_tasks(entries, "test" if split.startswith("test") else "train")}
         if (unknown := set(tasks) - set(pool)): raise KeyError(f"unknown tasks {sorted(unknown)}; tasks are: {', '.join(pool)}")
-        held_out = split == "test"
+        held_out = split == "test_unseen_templates"
         templates = lambda t: [len(t.templates) - 1] if held_out else range(len(t.templates) - 1)
         recs = []
         for name in tasks:
@@ -473,7 +476,9 @@ def augment(model, tok, train:list[dict],  # the model that writes, its tokenize
 
 # %% ../nbs/07_sft.ipynb #4c99e7cc
 def sft_config(output_dir, max_steps:int=800, batch_size:int=16, lr:float=3e-3, warmup_steps:int=20, weight_decay:float=0.0,
-               packing:bool=False, max_length:int=128, seed:int=0, device="cpu", progress:bool=True, **kw):
+               packing:bool=False, max_length:int=128, seed:int=0, device="cpu", progress:bool=True,
+               prebatched:bool=False,  # the rows come from `sft_batches`: tokenized, assistant tokens marked, in training order
+               **kw):
     "TRL's `SFTConfig` for our runs: loss on the assistant's tokens, cosine schedule, bf16 on a GPU that has it, no checkpoints."
     from trl import SFTConfig
     cuda = torch.device(device).type == "cuda"
@@ -482,7 +487,8 @@ def sft_config(output_dir, max_steps:int=800, batch_size:int=16, lr:float=3e-3, 
                          "the packed conversations from attending to each other; use packing=False on this device")
     return SFTConfig(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=lr,
                      lr_scheduler_type="cosine", warmup_steps=warmup_steps, weight_decay=weight_decay, packing=packing,
-                     max_length=max_length, assistant_only_loss=True, seed=seed, data_seed=seed, logging_steps=10,
+                     max_length=max_length, assistant_only_loss=not prebatched,  # prebatched rows carry their mask
+                     train_sampling_strategy="sequential" if prebatched else "random", seed=seed, data_seed=seed, logging_steps=10,
                      save_strategy="no", report_to=[], use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
                      disable_tqdm=not progress, dataloader_num_workers=0, activation_checkpointing=False, **kw)
 
@@ -496,11 +502,66 @@ def quiet_trainer(trainer):
     return trainer
 
 def sft_trainer(model, tok, train:Dataset, config):
-    "TRL's `SFTTrainer` on the `messages` of `train`, ending turns with the chat template's end-of-turn token."
+    "TRL's `SFTTrainer` on the `messages` of `train` (or on the rows of `sft_batches`), ending turns with the chat template's end-of-turn token."
     from trl import SFTTrainer
     config.eos_token = end_token(tok)
+    if "messages" in train.column_names: train = train.select_columns(["messages"])
     with quiet_hf():
-        return quiet_trainer(SFTTrainer(model=model, args=config, train_dataset=train.select_columns(["messages"]), processing_class=tok))
+        return quiet_trainer(SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tok))
+
+# %% ../nbs/07_sft.ipynb #c834e1a0
+def lm_windows(tok, texts:list[str], n:int, length:int, seed:int=0) -> list[list[int]]:
+    "`n` windows of `length` token ids from random places in `texts`, tokenized by `tok`, each document after its end-of-sequence separator as stage 03 writes them."
+    if not texts or n <= 0: return []
+    rng, sep = random.Random(seed), tok.eos_token_id
+    stream = [t for ids in tok(list(texts), add_special_tokens=False)["input_ids"] for t in [sep, *ids]]
+    if len(stream) <= length: raise ValueError(f"{len(stream)} tokens of text: too few for windows of {length}")
+    return [stream[s:s + length] for s in (rng.randrange(len(stream) - length) for _ in range(n))]
+
+def sft_batches(tok, conversations:list,  # the training conversations, each a list of chat messages
+                windows:list,  # pretraining text (token ids, from `lm_windows`) to mix in; [] for none
+                steps:int, batch_size:int,  # the optimizer steps the trainer takes, and rows per step
+                lm_mix:float=0.0,  # share of the steps whose batch is pretraining text
+                seed:int=0) -> Dataset:
+    "The rows of `steps` batches in training order: conversations rendered by the chat template with the assistant's tokens marked (`assistant_masks`), and whole batches of pretraining text, every token trained."
+    rng = random.Random(seed)
+    n_lm = round(steps * lm_mix) if windows else 0
+    kinds = [True] * n_lm + [False] * (steps - n_lm); rng.shuffle(kinds)
+    enc = [tok.apply_chat_template(m, tokenize=True, return_dict=True, return_assistant_tokens_mask=True) for m in conversations]
+    order, rows, c, w = rng.sample(range(len(enc)), len(enc)), [], 0, 0
+    for lm in kinds:
+        for _ in range(batch_size):
+            if lm: rows.append(dict(input_ids=windows[w % len(windows)], assistant_masks=[1] * len(windows[w % len(windows)]))); w += 1
+            else:
+                if c and c % len(order) == 0: rng.shuffle(order)  # each epoch in a new order
+                e = enc[order[c % len(order)]]; c += 1
+                rows.append(dict(input_ids=list(e["input_ids"]), assistant_masks=list(e["assistant_masks"])))
+    return Dataset.from_list(rows)
+
+# %% ../nbs/07_sft.ipynb #099102a1
+@torch.no_grad()
+def text_bits_per_byte(model, tok, texts:list[str], start_id:int|None=None, window:int|None=None, batch:int=32) -> dict:
+    "Bits per UTF-8 byte of `texts` under a causal LM, every token scored once: each text after `start_id`, in windows of the model's context; bits, bytes, tokens."
+    window = window or model.config.max_position_embeddings
+    start = start_id if start_id is not None else (tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+    rows = []
+    for t in texts:
+        ids = [start] + tok(t, add_special_tokens=False)["input_ids"]
+        rows += [ids[s:s + window + 1] for s in range(0, len(ids) - 1, window)]  # inputs ids[s:s+window], targets shifted by one
+    rows.sort(key=len)  # windows of equal length share a batch: little padding
+    model.eval()
+    nll, n = 0.0, 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        m = max(map(len, chunk))
+        x = torch.tensor([r + [start] * (m - len(r)) for r in chunk], device=model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (m - len(r)) for r in chunk], device=model.device)
+        y = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        logits = model(input_ids=x[:, :-1], attention_mask=mask[:, :-1]).logits
+        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        n += int((y != -100).sum())
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return dict(bpb=nll / math.log(2) / n_bytes, nats_per_token=nll / n, tokens=n, bytes=n_bytes)
 
 # %% ../nbs/07_sft.ipynb #dbbf2d6c
 def trainable_parameters(model) -> tuple[int, int]:
@@ -566,21 +627,31 @@ def instruction_data(run:StageRun, progress:bool=True) -> tuple[DatasetDict, lis
         ds["train"] = concatenate_datasets([ds["train"], extra]).shuffle(seed=run.seed)
     return ds, rows
 
+def sft_rows(run:StageRun, tok, train:Dataset, max_length:int) -> Dataset:
+    "The rows SFT trains on, in order (`sft_batches`): `train`'s conversations, and a share `lm_mix` of batches of stage 01's training text."
+    n_lm = round(run["max_steps"] * run["lm_mix"]) * run["batch_size"]
+    texts = load_from_disk(str(run.path("data")))["train"]["text"] if n_lm else []
+    windows = lm_windows(tok, texts, n_lm, min(max_length, 256), run.seed)
+    return sft_batches(tok, train["messages"], windows, run["max_steps"], run["batch_size"], run["lm_mix"], run.seed)
+
 def run_sft(run:StageRun, progress:bool=True, data:tuple|None=None) -> dict|None:
-    "Stage 07: instruction data to `instruct/`, exact match before, SFT with TRL, exact match after, `sft/`, the classifier runs, and last `sft/metrics.json`."
+    "Stage 07: instruction data to `instruct/`, exact match and bits per byte before, SFT with TRL, the same after, `sft/`, the classifier runs, and last `sft/metrics.json`."
     ds, aug_rows = data or instruction_data(run, progress)
     if main_process():
         with atomic_dir(run.path("instruct")) as d, quiet_hf(): ds.save_to_disk(str(d))
     model, tok = load_chat_model(run["base_model"], run.run_dir, device=run.device)
-    mnt = run["max_new_tokens"]
-    before = exact_match(model, tok, ds["test"], mnt)
+    mnt, evals = run["max_new_tokens"], [s for s in ("test", "test_unseen_templates") if s in ds]
+    test_texts = load_from_disk(str(run.path("data")))["test"]["text"]
+    bpb = lambda: round(text_bits_per_byte(model, tok, test_texts, tok.eos_token_id)["bpb"], 4)
+    before, bpb_before = {s: exact_match(model, tok, ds[s], mnt) for s in evals}, bpb()
     max_length = min(getattr(model.config, "max_position_embeddings", 1024), 1024)
     knobs = {k: run[k] for k in ("max_steps", "batch_size", "lr", "warmup_steps", "weight_decay", "packing")}
+    rows = sft_rows(run, tok, ds["train"], max_length)
     with tempfile.TemporaryDirectory() as out:
-        trainer = sft_trainer(model, tok, ds["train"], sft_config(out, **knobs, max_length=max_length, seed=run.seed,
-                                                                   device=run.device, progress=progress))
+        trainer = sft_trainer(model, tok, rows, sft_config(out, **knobs, max_length=max_length, seed=run.seed, device=run.device,
+                                                           progress=progress, prebatched=True))
         t0 = time.time(); trainer.train(); train_seconds = time.time() - t0
-    val, after = exact_match(model, tok, ds["validation"], mnt), exact_match(model, tok, ds["test"], mnt)
+    val, after, bpb_after = exact_match(model, tok, ds["validation"], mnt), {s: exact_match(model, tok, ds[s], mnt) for s in evals}, bpb()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop_token_ids(tok), tok.pad_token_id
     cls = {}
     if run["cls_steps"]:
@@ -591,17 +662,23 @@ def run_sft(run:StageRun, progress:bool=True, data:tuple|None=None) -> dict|None
     if not main_process(): return None
     with atomic_dir(run.path("sft")) as d: model.save_pretrained(d); tok.save_pretrained(d)
     logs = [l for l in trainer.state.log_history if "loss" in l]
+    unseen = "test_unseen_templates" in after
     results = dict(base_model=run["base_model"], n_train=len(ds["train"]), n_validation=len(ds["validation"]), n_test=len(ds["test"]),
                    augment_asked=len(aug_rows), augment_kept=sum(r["verdict"] in ("kept", "corrected") for r in aug_rows),
-                   base_test_em=before["accuracy"], sft_val_em=val["accuracy"], sft_test_em=after["accuracy"],
+                   base_test_em=before["test"]["accuracy"], sft_val_em=val["accuracy"], sft_test_em=after["test"]["accuracy"],
+                   **(dict(base_unseen_em=before["test_unseen_templates"]["accuracy"],
+                           sft_unseen_em=after["test_unseen_templates"]["accuracy"]) if unseen else {}),
+                   base_test_bpb=bpb_before, sft_test_bpb=bpb_after, lm_batches=round(run["max_steps"] * run["lm_mix"]),
                    first_loss=logs[0]["loss"], final_loss=logs[-1]["loss"], train_seconds=round(train_seconds, 2),
                    **{f"cls_{k}_acc": v["accuracy"] for k, v in cls.items()})
-    per_task = {t: dict(base_test=before["per_task"][t], sft_validation=val["per_task"].get(t), sft_test=after["per_task"][t])
-                for t in before["per_task"]}
+    per_task = {t: dict(base_test=before["test"]["per_task"][t], sft_validation=val["per_task"].get(t), sft_test=after["test"]["per_task"][t],
+                        **({"sft_unseen_templates": after["test_unseen_templates"]["per_task"].get(t)} if unseen else {}))
+                for t in before["test"]["per_task"]}
     examples = [dict(task=t, messages=m, base=b, sft=a) for t, m, b, a in zip(ds["test"]["task"], ds["test"]["messages"],
-                                                                              before["answers"], after["answers"])]
+                                                                              before["test"]["answers"], after["test"]["answers"])]
     details = dict(per_task=per_task, loss=[(l["step"], l["loss"]) for l in logs], augmentation=aug_rows, classifier=cls,
                    examples=examples[:60], trainable_parameters=trainable_parameters(model)[0])
-    warnings = [] if after["accuracy"] > before["accuracy"] else [
-        f"SFT did not raise held-out exact match ({before['accuracy']:.3f} → {after['accuracy']:.3f}); train longer (max_steps)"]
+    warnings = [] if after["test"]["accuracy"] > before["test"]["accuracy"] else [
+        f"SFT did not raise held-out exact match ({before['test']['accuracy']:.3f} → {after['test']['accuracy']:.3f}); train longer (max_steps)"]
+    if bpb_after > bpb_before + 0.5: warnings.append(f"SFT forgot: test bits per byte {bpb_before:.2f} → {bpb_after:.2f}; raise lm_mix")
     return save_metrics(run, results, details, warnings)  # last: the stage is done
