@@ -182,7 +182,7 @@ def mfu(tokens_per_s:float, cfg:ModelConfig, seq_len:int, peak:float) -> float:
 @dataclass
 class TrainConfig:
     "The knobs of one pretraining run; the defaults are the `tiny` preset's, but with no checkpoints and no epoch cap."
-    max_steps: int = 500  # optimizer steps
+    max_steps: int = 1500  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch, per process
     block_size: int = 128  # tokens per sequence: the model's context length
     grad_accum: int = 1  # micro-batches per optimizer step

@@ -13,9 +13,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from llm_lifecycle.cli import main
 from llm_lifecycle.constellation import load_member
 from llm_lifecycle.core import STAGES, metrics_path
-from llm_lifecycle.evaluation import (bounds_failures, check_bounds, harness_accuracy, harness_model_args, harness_tasks, load_metric,
-                                      text_bits_per_byte, write_report)
-from llm_lifecycle.sft import exact_match
+from llm_lifecycle.evaluation import bounds_failures, check_bounds, harness_accuracy, harness_model_args, harness_tasks, load_metric, write_report
+from llm_lifecycle.sft import exact_match, text_bits_per_byte
 
 BOUNDS = Path(__file__).parent/"regression_bounds.json"
 

@@ -3,6 +3,7 @@ import json, shutil, subprocess, sys
 
 import pytest
 from datasets import load_from_disk
+from transformers import AutoTokenizer
 
 from llm_lifecycle.core import load_metrics
 from llm_lifecycle.sft import (TASKS, BadInstructions, Reviewer, check_answer, corpus_tasks, exact_match, load_chat_model,
@@ -45,16 +46,36 @@ def test_three_formats_read_to_the_same_conversation(tmp_path):
 
 def test_generated_splits_keep_test_prompts_and_templates_out_of_training():
     ds = make_instructions(ENTRIES, train_per_task=40, test_per_task=10, seed=3)
+    assert list(ds) == ["train", "validation", "test", "test_unseen_templates"]
     key = lambda r: (r["instruction"], r["input"])
     train = {key(r) for r in ds["train"]}
-    assert not train & {key(r) for r in ds["test"]} and not train & {key(r) for r in ds["validation"]}
-    for t in TASKS.values():  # the test split uses only each task's last template, training never does
+    for split in ("validation", "test", "test_unseen_templates"): assert not train & {key(r) for r in ds[split]}, split
+    for t in TASKS.values():  # test: the trained templates, new values; test_unseen_templates: only the last template, never trained
         last = len(t.templates) - 1
-        assert {r["template"] for r in ds["test"] if r["task"] == t.name} == {last}
-        assert last not in {r["template"] for r in ds["train"] if r["task"] == t.name}
+        assert {r["template"] for r in ds["test_unseen_templates"] if r["task"] == t.name} == {last}
+        assert last not in {r["template"] for s in ("train", "validation", "test") for r in ds[s] if r["task"] == t.name}
+    assert "Reply with the answer and nothing else." not in {r["system"] for s in ("train", "validation", "test") for r in ds[s]}
     doc = lambda s: {r["output"] for r in ds[s] if r["task"] == "doc_summary"}
-    assert not doc("train") & doc("test")  # the corpus tasks ask about other functions in the test split
+    assert not doc("train") & (doc("test") | doc("test_unseen_templates"))  # the corpus tasks ask about other functions when testing
     assert make_instructions(ENTRIES, train_per_task=40, test_per_task=10, seed=3)["test"]["messages"] == ds["test"]["messages"]
+
+
+def test_sft_batches_are_whole_batches_of_one_kind_in_training_order(tiny_run):
+    "Every batch all conversations (loss on the answers) or all pretraining text (loss on every token), in the share lm_mix; each conversation once an epoch."
+    from llm_lifecycle.sft import lm_windows, sft_batches
+    tok = AutoTokenizer.from_pretrained(tiny_run/"sft")
+    ds = make_instructions(ENTRIES, tasks=["add", "last_word"], train_per_task=12, test_per_task=0, seed=0)["train"]
+    windows = lm_windows(tok, ["Return the number of items in a container. " * 20, "Split the string at the separator. " * 20], 40, 16)
+    assert all(len(w) == 16 for w in windows)
+    rows = sft_batches(tok, ds["messages"], windows, steps=10, batch_size=4, lm_mix=0.3, seed=1)
+    assert len(rows) == 40
+    kinds = [{all(m) for m in rows["assistant_masks"][i:i + 4]} for i in range(0, 40, 4)]
+    assert all(len(k) == 1 for k in kinds) and sum(k == {True} for k in kinds) == 3  # 3 of 10 batches are text
+    conv = [(tuple(i), tuple(m)) for i, m in zip(rows["input_ids"], rows["assistant_masks"]) if not all(m)]
+    assert len(conv) == 28 and len(set(conv[:24])) == 24  # 24 conversations: each once in the first epoch
+    answers = {tok.decode([t for t, k in zip(i, m) if k]) for i, m in conv}
+    assert answers == {r["output"] + "<|end|>" for r in ds}  # the loss sees each answer and its end-of-turn token, nothing else
+    assert not any(all(m) for m in sft_batches(tok, ds["messages"], [], steps=3, batch_size=4, lm_mix=0.5)["assistant_masks"])  # no text, no text batches
 
 
 def test_every_answer_of_the_generated_data_checks():
@@ -81,7 +102,7 @@ def test_reviewer_keeps_corrects_and_rejects():
 
 
 def test_saved_sft_model_reproduces_its_exact_match_and_beats_base(tiny_run):
-    "Recomputed from the saved folders: sft/ scores what the stage recorded, above base/ on the held-out templates."
+    "Recomputed from the saved folders: sft/ and base/ score what the stage recorded on the test split, most questions and almost none."
     test = load_from_disk(str(tiny_run/"instruct"))["test"]
     res = load_metrics(tiny_run, "sft")["results"]
     scores = {}
@@ -89,12 +110,12 @@ def test_saved_sft_model_reproduces_its_exact_match_and_beats_base(tiny_run):
         model, tok = load_chat_model(name, tiny_run)
         scores[name] = exact_match(model, tok, test, 24)["accuracy"]
     assert scores["sft"] == pytest.approx(res["sft_test_em"], abs=1e-3) and scores["base"] == pytest.approx(res["base_test_em"], abs=1e-3)
-    assert scores["sft"] >= scores["base"] + 0.015, scores
+    assert scores["base"] <= 0.05 and scores["sft"] >= 0.5, scores
 
 
-def test_sft_folder_chats_without_this_package(tiny_run):
-    "A fresh process with plain transformers: chat template, generate stops on <|end|> by the saved generation config."
-    test = load_from_disk(str(tiny_run/"instruct"))["test"].select(range(8))
+def test_sft_folder_answers_the_test_with_plain_transformers(tiny_run):
+    "A fresh process with plain transformers (chat template, greedy `generate`, the saved generation config) answers most of the test's questions right and stops each answer on <|end|>; the same answers as our evaluator."
+    test = load_from_disk(str(tiny_run/"instruct"))["test"]
     code = f"""
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,18 +123,20 @@ tok = AutoTokenizer.from_pretrained({str(tiny_run/'sft')!r}); model = AutoModelF
 out = []
 for msgs in json.loads(sys.stdin.read()):
     ids = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    new = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    new = model.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
     out.append([tok.decode(new, skip_special_tokens=True), new[-1] == tok.convert_tokens_to_ids("<|end|>")])
 print(json.dumps(out), "llm_lifecycle" in sys.modules)
 """
-    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(test["messages"])), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(test["messages"])), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     answers, imported = r.stdout.rsplit(" ", 1)
     assert imported.strip() == "False"
     answers = json.loads(answers)
     assert all(stopped for _, stopped in answers)  # every answer ends with <|end|>, not at max_new_tokens
+    right = [" ".join(a.split()).removesuffix(".") == " ".join(m[-1]["content"].split()).removesuffix(".") for (a, _), m in zip(answers, test["messages"])]
+    assert len(right) >= 240 and sum(right) / len(right) >= 0.5, sum(right) / len(right)
     model, tok = load_chat_model("sft", tiny_run)
-    ours = exact_match(model, tok, test, 40)["answers"]
+    ours = exact_match(model, tok, test, 24)["answers"]
     assert [normalize_answer(a) for a, _ in answers] == [normalize_answer(a) for a in ours]
 
 
