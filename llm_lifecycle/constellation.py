@@ -1,10 +1,10 @@
 """A router that sends each request to the model best at it, a judge that picks among several models' answers, a draft model that makes the target generate faster without changing a token, the model exported to ONNX Runtime with its KV cache, and the whole constellation on Ray Serve.
 
 By now the run holds several models: the pretrained base (stage 05), the instruction-tuned SFT model (07), a LoRA
-adapter (08) and the policies of RLHF (10). No one of them is best at everything: the base model continues plain
-text better than any chat model, and the aligned models differ task by task. Production systems therefore put
-several models behind one endpoint. This notebook builds the pieces of such a constellation on the run's models,
-and measures each against the single models it combines:
+adapter (08) and the policies of RLHF (10). Each was made for something different: the base model to continue plain
+text, the others to answer questions, each aligned in its own way, and one may be best at some kinds of request and
+another at others. Production systems therefore put several models behind one endpoint. This notebook builds the
+pieces of such a constellation on the run's models, and measures each against the single models it combines:
 
 - a **router**, a classifier head on the base model, that reads a request and sends it to the model that was best at
   that kind of request on validation data;

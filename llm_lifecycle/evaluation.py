@@ -1,4 +1,4 @@
-"""Every model of the run measured the same way: bits per byte on held-out text, exact match on held-out tasks, reference-based text metrics as `evaluate` modules, gold reward, reward-model score and KL to SFT; the same tasks through `lm-evaluation-harness` as a cross-check; and one report of the whole run.
+"""Every model of the run measured the same way: bits per byte on held-out text, exact match on held-out questions, reference-based text metrics as `evaluate` modules, gold reward, reward-model score and KL to SFT; the same tasks through `lm-evaluation-harness` as a cross-check; and one report of the whole run.
 
 Docs: https://llm-lifecycle.github.io/llm-lifecycle/evaluation.html.md"""
 
@@ -247,8 +247,11 @@ def _sft(m, fig, run_dir):
     r, d = m["results"], m["details"]
     rows = [dict(task=t, **v) for t, v in d["per_task"].items()]
     ex = [dict(task=e["task"], question=e["messages"][-2]["content"], reference=e["messages"][-1]["content"], sft=e["sft"]) for e in d["examples"][:4]]
-    return (f"{r['n_train']:,} training conversations, {r['train_seconds']:.0f} s; exact match on held-out templates: "
-            f"base {r['base_test_em']:.3f}, SFT {r['sft_test_em']:.3f} (validation {r['sft_val_em']:.3f}).\n\n" + md_table(rows) +
+    unseen = f"; in held-out phrasings, SFT {r['sft_unseen_em']:.3f}" if "sft_unseen_em" in r else ""
+    bpb = f" Test bits per byte: base {r['base_test_bpb']:.3f}, SFT {r['sft_test_bpb']:.3f}." if "sft_test_bpb" in r else ""
+    return (f"{r['n_train']:,} training conversations, {r['train_seconds']:.0f} s; exact match on the test split (new questions "
+            f"in the trained phrasings): base {r['base_test_em']:.3f}, SFT {r['sft_test_em']:.3f} (validation {r['sft_val_em']:.3f}"
+            f"{unseen}).{bpb}\n\n" + md_table(rows) +
             "\nSamples:\n\n" + md_table(ex))
 
 def _peft_tuning(m, fig, run_dir):

@@ -82,7 +82,7 @@ def test_knobs_lists_values_and_meanings():
     r = cli("knobs", "pretrain")
     assert r.returncode == 0
     line = next(l for l in r.stdout.splitlines() if l.split()[:1] == ["max_steps"])
-    assert line.split()[1:4] == ["500", "600", "1000"] and "steps" in line.lower()
+    assert line.split()[1:4] == ["1500", "600", "1000"] and "steps" in line.lower()
     assert "04_model" in r.stdout  # stage 05 takes the model's knobs too
     r = cli("knobs")
     assert r.returncode == 0 and all(f"{s.notebook}:" in r.stdout for s in select_stages())

@@ -64,7 +64,7 @@ def test_sft_batches_are_whole_batches_of_one_kind_in_training_order(tiny_run):
     "Every batch all conversations (loss on the answers) or all pretraining text (loss on every token), in the share lm_mix; each conversation once an epoch."
     from llm_lifecycle.sft import lm_windows, sft_batches
     tok = AutoTokenizer.from_pretrained(tiny_run/"sft")
-    ds = make_instructions(ENTRIES, tasks=["add", "last_word"], train_per_task=12, test_per_task=0, seed=0)["train"]
+    ds = make_instructions(ENTRIES, tasks=["add", "last_word"], train_per_task=12, test_per_task=0, history_frac=0.0, seed=0)["train"]
     windows = lm_windows(tok, ["Return the number of items in a container. " * 20, "Split the string at the separator. " * 20], 40, 16)
     assert all(len(w) == 16 for w in windows)
     rows = sft_batches(tok, ds["messages"], windows, steps=10, batch_size=4, lm_mix=0.3, seed=1)
