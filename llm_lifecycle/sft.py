@@ -531,7 +531,7 @@ def sft_batches(tok, conversations:list,  # the training conversations, each a l
     order, rows, c, w = rng.sample(range(len(enc)), len(enc)), [], 0, 0
     for lm in kinds:
         for _ in range(batch_size):
-            if lm: rows.append(dict(input_ids=windows[w % len(windows)], assistant_masks=[1] * len(windows[w % len(windows)]))); w += 1
+            if lm: ids = windows[w % len(windows)]; rows.append(dict(input_ids=ids, assistant_masks=[1] * len(ids))); w += 1
             else:
                 if c and c % len(order) == 0: rng.shuffle(order)  # each epoch in a new order
                 e = enc[order[c % len(order)]]; c += 1
