@@ -18,7 +18,7 @@ FIGURES = {  # stage -> the results keys reported per seed
     "sft": ["base_test_em", "sft_test_em", "sft_unseen_em", "base_test_bpb", "sft_test_bpb"],
     "peft_tuning": ["full_test_em", "lora_r8_test_em"],
     "reward": ["test_accuracy", "spearman_gold_within", "spearman_gold"],
-    "rlhf": ["sft_gold"] + [f"{m}_gain{s}" for m in ("best_of_4", "ppo", "ppo_gold", "dpo", "grpo", "grpo_gold", "ppo_overopt")
+    "rlhf": ["sft_gold", "sft_rm_score", "ppo_rm_score"] + [f"{m}_gain{s}" for m in ("best_of_4", "ppo", "ppo_gold", "dpo", "grpo", "grpo_gold", "ppo_overopt")
                             for s in ("", "_lo", "_hi")],
 }
 

@@ -24,9 +24,9 @@ __all__ = ['CONTINUATION', 'QUIET_RAY', 'task_requests', 'continuation_requests'
            'last_token_states', 'train_head', 'train_router', 'classify', 'route_requests', 'Constellation',
            'routed_scores', 'judge_picks', 'draft_from_target', 'conversation_batches', 'kd_loss', 'distill',
            'draft_agreement', 'crop_cache', 'DraftProposer', 'PromptLookup', 'speculative_generate', 'set_assistant_k',
-           'hf_speculative', 'acceptance', 'timed', 'kv_names', 'KVWrapper', 'export_onnx', 'OnnxLM', 'onnx_generate',
-           'OnnxMember', 'ModelServer', 'RouterServer', 'ray_app', 'RayConstellation', 'speculative_table',
-           'onnx_checks', 'run_constellation']
+           'hf_speculative', 'acceptance', 'timed', 'speculative_accept', 'chi_square', 'kv_names', 'KVWrapper',
+           'export_onnx', 'OnnxLM', 'onnx_generate', 'OnnxMember', 'ModelServer', 'RouterServer', 'ray_app',
+           'RayConstellation', 'speculative_table', 'onnx_checks', 'run_constellation']
 
 # %% ../nbs/11_constellation.ipynb #dc76734b
 import asyncio, dataclasses, logging, math, os, random, re, time, warnings
@@ -390,6 +390,20 @@ def timed(fn, repeats:int=3):
     for _ in range(repeats):
         t0 = time.perf_counter(); out = fn(); times.append(time.perf_counter() - t0)
     return out, sorted(times)[len(times) // 2]
+
+# %% ../nbs/11_constellation.ipynb #9444d203
+def speculative_accept(p:torch.Tensor, q:torch.Tensor, drafted:list[int], generator=None) -> list[int]:
+    "One round of speculative sampling. `p` `(k+1, V)`: the target's next-token probabilities after each drafted prefix; `q` `(k, V)`: the draft's, from which `drafted` (`k` tokens) were sampled. The tokens emitted: the accepted prefix, then one from the residual at the first rejection (or from `p[k]` when all are kept)."
+    for i, x in enumerate(drafted):
+        if torch.rand((), generator=generator) < (p[i, x] / q[i, x]).clamp(max=1): continue  # kept with probability min(1, p/q)
+        r = (p[i] - q[i]).clamp(min=0)
+        return list(drafted[:i]) + [int(torch.multinomial(r / r.sum(), 1, generator=generator))]
+    return list(drafted) + [int(torch.multinomial(p[len(drafted)], 1, generator=generator))]
+
+def chi_square(counts, probs) -> float:
+    "Pearson's statistic of observed `counts` against the expected `probs` × their total."
+    counts = torch.as_tensor(counts, dtype=torch.float64); e = torch.as_tensor(probs, dtype=torch.float64) * counts.sum()
+    return float(((counts - e) ** 2 / e).sum())
 
 # %% ../nbs/11_constellation.ipynb #2e220132
 def kv_names(n_layer:int, prefix:str) -> list[str]:

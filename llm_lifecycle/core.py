@@ -102,14 +102,14 @@ PRESETS = {
         "peft_tuning": dict(methods=["full", "last_layers", "lora", "qlora", "prompt_tuning", "p_tuning"], max_steps=100,
                             batch_size=8, lr=5e-3, last_n=1, lora_ranks=[8, 2], lora_alpha=16, lora_lr=1e-2, prompt_tokens=8,
                             prompt_lr=3e-2, max_new_tokens=24),
-        "reward": dict(prefs=None, n_prompts=2400, samples_per_prompt=6, temperature=1.2, margin=0.25, max_new_tokens=24,
-                       max_steps=400, batch_size=16, lr=2e-4),
-        # the three tasks the SFT model gets right least often: room for RL to gain (it answers extract_number and larger at 0.9-1)
-        "rlhf": dict(tasks=["count_words", "last_word", "convert_units"], n_prompts=3000, eval_per_task=60, eval_samples=8,
-                     max_new_tokens=24, best_of=[1, 2, 4, 8, 16], ppo_iterations=40, ppo_gold_iterations=40, prompts_per_iter=16,
-                     samples_per_prompt=4, ppo_lr=1e-4, kl_coef=1.0, gold_kl_coef=0.2, overopt_iterations=20, overopt_kl_coef=0.02,
-                     ppo_epochs=2, dpo_steps=80, dpo_lr=3e-5, dpo_beta=0.1,
-                     batch_size=16, grpo_steps=80, grpo_lr=1e-4, grpo_beta=1.0),
+        # the reward model judges, and RLHF optimises, three tasks with room to gain and values enough for held-out prompts
+        "reward": dict(prefs=None, tasks=["count_words", "last_word", "larger"], n_prompts=2400, samples_per_prompt=6, temperature=1.2,
+                       margin=0.25, max_new_tokens=24, max_steps=600, batch_size=16, lr=5e-4),
+        "rlhf": dict(tasks=None, n_prompts=3000, eval_per_task=60, eval_samples=8,
+                     max_new_tokens=24, best_of=[1, 2, 4, 8, 16], ppo_iterations=100, ppo_gold_iterations=100, prompts_per_iter=16,
+                     samples_per_prompt=4, ppo_lr=1e-4, kl_coef=0.05, gold_kl_coef=0.05, overopt_iterations=100, overopt_kl_coef=0.01,
+                     ppo_epochs=2, ppo_center=True, dpo_steps=80, dpo_lr=3e-5, dpo_beta=0.1,
+                     batch_size=16, grpo_steps=800, grpo_lr=1e-4, grpo_beta=0.05),
         "constellation": dict(models=None, engine="local", router_per_kind=200, router_steps=300, eval_per_kind=30, prefix_tokens=24,
                               truth_tokens=16, max_new_tokens=24, draft_layers=None, distill_steps=100, distill_lr=3e-3, spec_k=[1, 2, 4],
                               spec_prompts=8),
@@ -129,9 +129,9 @@ PRESETS = {
         "generation": dict(max_new_tokens=64, n_samples=8),
         "sft": dict(tasks=None, augment_model="smollm2", augment_n=64, candidates=["base", "smollm2"], train_per_task=1000,
                     max_steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, max_new_tokens=32, cls_steps=300),
-        "reward": dict(n_prompts=4800, samples_per_prompt=8, max_new_tokens=32, max_steps=600, batch_size=32, lr=1e-4),
-        "rlhf": dict(tasks=["add", "sort_numbers", "reverse_words"],  # tiny's three are solved here (SFT gold 0.95): room to improve
-                     ppo_lr=3e-5, grpo_lr=3e-5, dpo_lr=1e-5),  # a third of tiny's, as SFT's: at tiny's, PPO drifted to KL 1–2
+        "reward": dict(tasks=["add", "sort_numbers", "reverse_words"],  # tiny's three are solved here (SFT gold 0.95): room to improve
+                       n_prompts=4800, samples_per_prompt=8, max_new_tokens=32, max_steps=600, batch_size=32, lr=1e-4),
+        "rlhf": dict(ppo_lr=3e-5, grpo_lr=3e-5, dpo_lr=1e-5),  # a third of tiny's, as SFT's: at tiny's, PPO drifted to KL 1–2
     },
     "gpu": {
         "data": dict(sources=["pydoc", "docstrings", "metadata", "licence_files", "site_docstrings"], max_docs=None, num_proc=8),
@@ -144,8 +144,8 @@ PRESETS = {
         "generation": dict(max_new_tokens=128, n_samples=16),
         "sft": dict(tasks=None, augment_model="smollm2", augment_n=256, candidates=["base", "smollm2"], train_per_task=2000,
                     max_steps=2000, batch_size=64, lr=5e-4, warmup_steps=100, max_new_tokens=48, cls_steps=500),
-        "reward": dict(n_prompts=8000, samples_per_prompt=8, max_new_tokens=48, max_steps=2000, batch_size=64, lr=5e-5),
-        "rlhf": dict(tasks=["add", "sort_numbers", "reverse_words"]),  # as cpu: the tasks a larger SFT model has not solved
+        "reward": dict(tasks=["add", "sort_numbers", "reverse_words"],  # as cpu: the tasks a larger SFT model has not solved
+                       n_prompts=8000, samples_per_prompt=8, max_new_tokens=48, max_steps=2000, batch_size=64, lr=5e-5),
     },
 }
 

@@ -5,8 +5,8 @@ they say which is better. A reward model learns to turn those comparisons into a
 preference pairs the way a lab does, from the SFT model's own samples, with a documented **simulated
 annotator** in place of human labellers; reads real preference data (HH-RLHF, UltraFeedback, plain
 prompt/chosen/rejected) and reports every problem of a bad file; writes the Bradley–Terry loss out and checks it
-against TRL's `RewardTrainer`; trains the reward model; and measures how often it agrees with the annotator on
-pairs it never saw, and how well its score tracks the annotator's.
+against TRL's `RewardTrainer`; trains the reward model on the pairs of the tasks stage 10 will optimise; and
+measures how often it agrees with the annotator on pairs it never saw, and how well its score tracks the annotator's.
 
 Docs: https://llm-lifecycle.github.io/llm-lifecycle/reward.html.md"""
 
@@ -15,8 +15,8 @@ Docs: https://llm-lifecycle.github.io/llm-lifecycle/reward.html.md"""
 # %% auto #0
 __all__ = ['closeness', 'gold_parts', 'gold_reward', 'sample_answers', 'preference_pairs', 'BadPreferences', 'hh_turns',
            'to_preference', 'read_preferences', 'bradley_terry_loss', 'reward_config', 'load_reward_model',
-           'reward_trainer', 'reward_scores', 'spearman', 'spearman_within', 'sft_tasks', 'preference_data',
-           'run_reward']
+           'reward_trainer', 'reward_scores', 'spearman', 'spearman_within', 'sft_tasks', 'judged_tasks',
+           'preference_data', 'run_reward']
 
 # %% ../nbs/09_reward.ipynb #a4ae2b2c
 import json, random, re, tempfile, time
@@ -164,7 +164,7 @@ def bradley_terry_loss(r_chosen:torch.Tensor, r_rejected:torch.Tensor) -> torch.
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 # %% ../nbs/09_reward.ipynb #95824edf
-def reward_config(output_dir, max_steps:int=400, batch_size:int=16, lr:float=2e-4, max_length:int=128, seed:int=0,
+def reward_config(output_dir, max_steps:int=600, batch_size:int=16, lr:float=5e-4, max_length:int=128, seed:int=0,
                   device="cpu", progress:bool=True):
     "TRL's `RewardConfig` for our runs: cosine schedule, bf16 on a GPU that has it, no checkpoints, no centring term."
     from trl import RewardConfig
@@ -217,6 +217,11 @@ def sft_tasks(run:StageRun) -> dict:
     "The tasks of stage 07's run (name → `Task`), with the corpus tasks over the test functions."
     return {**TASKS, **corpus_tasks(docstring_entries(run.path("data")), "test")}
 
+def judged_tasks(run_dir) -> list[str]:
+    "The tasks a run's reward model judges and RLHF optimises: stage 09's `tasks`, else stage 07's, else every built-in task."
+    from llm_lifecycle.core import load_metrics
+    return next((names for stage in ("reward", "sft") if (names := load_metrics(run_dir, stage)["knobs"].get("tasks"))), list(TASKS))
+
 def preference_data(run:StageRun, progress:bool=True) -> tuple[DatasetDict, list[dict], Counter]:
     "The stage's pairs (`prefs`, else sampled from `sft/` and ranked by the gold reward), split by prompt; the scored test samples; the counts."
     if run["prefs"]:
@@ -227,7 +232,7 @@ def preference_data(run:StageRun, progress:bool=True) -> tuple[DatasetDict, list
         counts["pair"] = len(pairs)
     else:
         from llm_lifecycle.core import load_metrics
-        names = load_metrics(run.run_dir, "sft")["knobs"]["tasks"]
+        names = run["tasks"] or load_metrics(run.run_dir, "sft")["knobs"]["tasks"]  # the tasks RLHF will optimise
         trained = {m[-2]["content"] for m in load_from_disk(str(run.path("instruct")))["train"]["messages"]}  # SFT's questions
         per_task = -(-run["n_prompts"] // len(names or TASKS))
         fresh = make_instructions(docstring_entries(run.path("data")), names, per_task, 0, seed=run.seed + 1)["train"]

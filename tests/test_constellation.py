@@ -311,3 +311,19 @@ def test_ray_serve_answers_as_in_process(tiny_run):
     assert {w["model"] for w in want} and all(w["answer"] is not None for w in want)
     with RayConstellation(members, router, routes, tiny_run) as rc:
         assert rc.answer(reqs) == want
+
+
+@pytest.mark.parametrize("case", ["random", "draft misses a token", "draft proposes what the target never says"])
+def test_speculative_sampling_emits_the_targets_distribution(case):
+    "The acceptance rule min(1, p/q) with the residual norm(max(0, p − q)): the first emitted token follows the target's p (χ², 5 d.o.f., under its 0.1% critical value 20.5), and is far from the draft's q."
+    from llm_lifecycle.constellation import chi_square, speculative_accept
+    g = torch.Generator().manual_seed(3)
+    p, q = torch.softmax(2 * torch.randn(4, 6, generator=g), -1), torch.softmax(2 * torch.randn(3, 6, generator=g), -1)
+    if case == "draft misses a token": q[:, 0] = 0; q /= q.sum(-1, keepdim=True); p[:, 0] += 0.2; p /= p.sum(-1, keepdim=True)
+    if case == "draft proposes what the target never says": p[:, 5] = 0; p /= p.sum(-1, keepdim=True); q[:, 5] += 0.5; q /= q.sum(-1, keepdim=True)
+    first = torch.zeros(6)
+    for _ in range(20_000):
+        first[speculative_accept(p, q, [int(torch.multinomial(q[i], 1, generator=g)) for i in range(3)], g)[0]] += 1
+    keep = p[0] > 0  # a token the target never says must never come out
+    assert first[~keep].sum() == 0
+    assert chi_square(first[keep], p[0][keep]) < 20.5 and chi_square(first[keep], q[0][keep] / q[0][keep].sum()) > 100
